@@ -1,0 +1,41 @@
+"""An API-key gateway: client keys in, secret upstream keys added, answers streamed back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from . import cli, config, errors, upstream
+from .proxy import bp
+
+__all__ = ["create_app"]
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the gateway app: defaults, then the environment (or ``test_config``)."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(
+        GATEWAY_CONFIG=os.path.join(app.instance_path, "config.yaml"),
+        GATEWAY_ENV_FILE=Path(app.instance_path).parent / ".env",
+        GATEWAY_ENVIRON=None,
+        UPSTREAM_POOL_SIZE=100,
+    )
+    if test_config is None:
+        for key in ("GATEWAY_CONFIG", "GATEWAY_ENV_FILE"):
+            if key in os.environ:
+                app.config[key] = os.environ[key]
+        if "GATEWAY_POOL_SIZE" in os.environ:
+            app.config["UPSTREAM_POOL_SIZE"] = int(os.environ["GATEWAY_POOL_SIZE"])
+    else:
+        app.config.update(test_config)
+
+    errors.init_app(app)
+    config.init_app(app)
+    upstream.init_app(app)
+    cli.init_app(app)
+    if app.config["GATEWAY"] is not None:  # None only under the flask CLI, for check-config
+        app.register_blueprint(bp)
+    return app

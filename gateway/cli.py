@@ -1,0 +1,55 @@
+"""``flask check-config``: validate a config and say what it sets up, secrets unprinted."""
+
+from __future__ import annotations
+
+import click
+from flask import Flask, current_app
+
+from .config import ConfigError, GatewayConfig, environment, load_config
+
+__all__ = ["init_app"]
+
+
+def _summary(path: str, config: GatewayConfig) -> list[str]:
+    lines = [f"{path}: OK"]
+    lines.append(f"targets ({len(config.targets)}):")
+    lines += [f"  {t.name}: {t.base_url}" for t in config.targets.values()]
+    lines.append(f"secrets ({len(config.secret_names)}), all resolved:")
+    lines += [f"  {name}" for name in config.secret_names]
+    lines.append(f"clients ({len(config.clients)}):")
+    for client in config.clients.values():
+        methods = ", ".join(sorted(client.methods))
+        paths = ", ".join(p.text for p in client.paths)
+        secrets = ", ".join(name for name, _ in client.secret_headers) or "no secret"
+        lines.append(
+            f"  {client.label} -> {client.target.name}: {methods} on {paths}; sends {secrets}"
+        )
+    return lines
+
+
+@click.command("check-config")
+@click.option(
+    "--config",
+    "path",
+    type=click.Path(dir_okay=False),
+    help="The YAML file to check (default: GATEWAY_CONFIG or instance/config.yaml).",
+)
+def check_config(path: str | None) -> None:
+    """Validate the gateway config and print a summary, or every problem found."""
+    path = path or current_app.config["GATEWAY_CONFIG"]
+    env = current_app.config.get("GATEWAY_ENVIRON")
+    if env is None:
+        env = environment(current_app.config["GATEWAY_ENV_FILE"])
+    try:
+        config = load_config(path, env)
+    except ConfigError as exc:
+        click.echo(f"The config has {len(exc.problems)} problem(s):", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        raise SystemExit(1) from None
+    click.echo("\n".join(_summary(path, config)))
+
+
+def init_app(app: Flask) -> None:
+    """Register the CLI commands on ``app``."""
+    app.cli.add_command(check_config)

@@ -1,0 +1,131 @@
+"""Which headers pass, in which order, in each direction. No Flask imports."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from werkzeug.http import is_hop_by_hop_header
+
+from .policy import PolicyError
+
+__all__ = [
+    "check_header",
+    "client_headers",
+    "connection_names",
+    "response_headers",
+    "upstream_headers",
+]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+# Printable latin-1 plus tab: what a WSGI server will write back without error.
+_SAFE_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+# Never taken from a client: credentials (ours go last), framing the gateway
+# owns, and browser or hop details that describe the hop to us, not upstream.
+_CLIENT_BLOCKED = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "x-rapidapi-key",
+        "host",
+        "content-length",
+        "cookie",
+        "expect",
+        "accept-encoding",
+        "origin",
+        "referer",
+        "forwarded",
+        "x-real-ip",
+    }
+)
+_CLIENT_BLOCKED_PREFIXES = ("proxy-", "sec-", "x-forwarded-")
+
+# Never passed back: cookies (the gateway is not a session), headers the WSGI
+# server writes itself, CORS (ours are set by the gateway), and host-wide rules
+# an upstream has no business setting for the gateway's own domain.
+_RESPONSE_BLOCKED = frozenset(
+    {
+        "set-cookie",
+        "set-cookie2",
+        "date",
+        "server",
+        "alt-svc",
+        "strict-transport-security",
+    }
+)
+
+
+def check_header(name: str, value: str) -> None:
+    """Raise ``PolicyError("invalid_header")`` if ``name: value`` could split a request."""
+    if not _TOKEN.fullmatch(name):
+        raise PolicyError(
+            "invalid_header", "A header name holds a character not allowed in header names."
+        )
+    if _BAD_VALUE.search(value):
+        raise PolicyError(
+            "invalid_header", f"The value of header {name} holds a line break or NUL."
+        )
+
+
+def connection_names(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Return the lower-cased header names that ``Connection`` marks as hop-by-hop."""
+    names: set[str] = set()
+    for key, value in headers:
+        if key.lower() == "connection":
+            names.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return frozenset(names)
+
+
+def _blocked_from_client(lower: str, extra: frozenset[str]) -> bool:
+    return (
+        lower in _CLIENT_BLOCKED
+        or lower in extra
+        or lower.startswith(_CLIENT_BLOCKED_PREFIXES)
+        or is_hop_by_hop_header(lower)
+    )
+
+
+def client_headers(
+    headers: Iterable[tuple[str, str]], also_blocked: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """Return the client's headers that may go upstream; raise on an injection attempt."""
+    headers = list(headers)
+    for name, value in headers:
+        check_header(name, value)
+    extra = connection_names(headers) | also_blocked
+    return [(k, v) for k, v in headers if not _blocked_from_client(k.lower(), extra)]
+
+
+def upstream_headers(
+    defaults: Iterable[tuple[str, str]],
+    client: Iterable[tuple[str, str]],
+    secrets: Iterable[tuple[str, str]],
+    accept_encoding: str | None,
+) -> dict[str, str]:
+    """Merge headers in order: target defaults, client headers, then secrets (which win)."""
+    merged: dict[str, tuple[str, str]] = {}
+    for name, value in (*defaults, *client, *secrets):
+        merged[name.lower()] = (name, value)
+    # The caller decodes the body, so it alone says which encodings it takes.
+    merged["accept-encoding"] = ("Accept-Encoding", accept_encoding or "identity")
+    return dict(merged.values())
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Return the upstream response headers that go back to the client."""
+    headers = list(headers)
+    hop = connection_names(headers)
+    return [
+        (k, v)
+        for k, v in headers
+        if not (
+            k.lower() in _RESPONSE_BLOCKED
+            or k.lower() in hop
+            or is_hop_by_hop_header(k)
+            or k.lower().startswith("access-control-")
+            or not _TOKEN.fullmatch(k)
+            or not _SAFE_VALUE.fullmatch(v)
+        )
+    ]

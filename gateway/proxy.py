@@ -1,0 +1,180 @@
+"""The HTTP edge: ``POST /proxy``, ``/proxy/<path>`` and ``GET /health``.
+
+Thin on purpose: parse the request, ask the policy, forward, shape the response.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+from flask import Blueprint, Response, current_app, request
+from marshmallow import ValidationError
+
+from .envelope import EnvelopeSchema, query_params
+from .errors import GatewayError
+from .headers import client_headers, response_headers, upstream_headers
+from .policy import METHODS, Client, PolicyError, normalize_path
+from .upstream import Call, stream_body
+
+__all__ = ["bp"]
+
+bp = Blueprint("gateway", __name__)
+
+_envelope_schema = EnvelopeSchema()
+_STATUS = {"invalid_path": 400, "invalid_header": 400}  # every other PolicyError is a 403
+
+
+class UpstreamResponse(Response):
+    # An upstream response without Content-Type must stay without one.
+    default_mimetype = None
+
+
+def _policy_error(exc: PolicyError) -> GatewayError:
+    return GatewayError(_STATUS.get(exc.code, 403), exc.code, exc.message)
+
+
+def _client_key() -> str:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    if not auth and request.headers.get("X-Api-Key", "").strip():
+        return request.headers["X-Api-Key"].strip()
+    raise GatewayError(
+        401,
+        "missing_client_key",
+        "Send your client key as Authorization: Bearer <client key>.",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _authenticate() -> Client:
+    client = current_app.config["GATEWAY"].client_for(_client_key())
+    if client is None:
+        raise GatewayError(
+            401,
+            "invalid_client_key",
+            "The client key is not known to this gateway.",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return client
+
+
+def _allowed_path(client: Client, method: str, raw_path: str) -> str:
+    """Return the normalized path if ``client`` may call ``method`` on it; raise otherwise."""
+    try:
+        path = normalize_path(raw_path)
+        client.check(method, path)
+    except PolicyError as exc:
+        raise _policy_error(exc) from None
+    return path
+
+
+def _forward(call: Call) -> Response:
+    upstream = current_app.extensions["gateway.upstream"].send(call)
+    return UpstreamResponse(
+        stream_body(upstream, call.client),
+        status=upstream.status_code,
+        headers=response_headers(upstream.raw.headers.items()),
+        direct_passthrough=True,
+    )
+
+
+def _read_envelope() -> dict:
+    if not request.is_json:
+        raise GatewayError(
+            400, "invalid_json", "Send the envelope with Content-Type: application/json."
+        )
+    try:
+        data = json.loads(request.get_data(cache=False), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise GatewayError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, "invalid_json", "The envelope must be a JSON object.")
+    try:
+        return _envelope_schema.load(data)
+    except ValidationError as exc:
+        raise GatewayError(
+            400, "invalid_envelope", "The envelope has invalid fields.", fields=exc.messages
+        ) from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _outgoing_headers(client: Client, headers: list[tuple[str, str]]) -> dict[str, str]:
+    try:
+        passed = client_headers(headers)
+    except PolicyError as exc:
+        raise _policy_error(exc) from None
+    return upstream_headers(
+        client.target.default_headers,
+        passed,
+        client.secret_headers,
+        request.headers.get("Accept-Encoding"),
+    )
+
+
+@bp.post("/proxy")
+def envelope():
+    """Forward the call described by a JSON envelope."""
+    client = _authenticate()
+    env = _read_envelope()
+    path = _allowed_path(client, env["method"], env["path"])
+    headers = list(env.get("headers", {}).items())
+    body = None
+    if env.get("body") is not None:
+        body = json.dumps(env["body"], separators=(",", ":"), ensure_ascii=False).encode()
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            headers.append(("Content-Type", "application/json"))
+    call = Call(
+        client=client,
+        method=env["method"],
+        path=path,
+        query=query_params(env.get("query", {})),
+        headers=_outgoing_headers(client, headers),
+        body=body,
+    )
+    return _forward(call)
+
+
+def _raw_subpath() -> str:
+    """Return the path after ``/proxy`` exactly as the client sent it (still encoded).
+
+    WSGI servers decode PATH_INFO (``%2e%2e%2f`` becomes ``../``), so safety is
+    judged on the raw request target instead.
+    """
+    environ = request.environ
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw is None:
+        raw = quote(request.script_root + request.path, safe="/:@!$&'()*+,;=-._~")
+    raw = raw.split("?", 1)[0]
+    prefix = quote(request.script_root) + "/proxy/"
+    if not raw.startswith(prefix):
+        raise GatewayError(400, "invalid_path", "The path must be written plainly after /proxy/.")
+    return raw[len(prefix) - 1 :]
+
+
+@bp.route("/proxy/<path:subpath>", methods=METHODS)
+def transparent(subpath: str):
+    """Forward the request as it is to the same path on the client's target."""
+    client = _authenticate()
+    path = _allowed_path(client, request.method, _raw_subpath())
+    body = request.get_data(cache=False) or None
+    call = Call(
+        client=client,
+        method=request.method,
+        path=path,
+        query=request.query_string.decode("latin-1"),
+        headers=_outgoing_headers(client, list(request.headers.items())),
+        body=body,
+    )
+    return _forward(call)
+
+
+@bp.get("/health")
+def health():
+    """Say the gateway is up; needs no key and never touches an upstream."""
+    return {"ok": True}

@@ -1,0 +1,153 @@
+"""Upstream calls: one pooled Session per worker process, streaming, fault mapping."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
+
+import requests
+import urllib3
+from flask import Flask
+from requests.adapters import HTTPAdapter
+
+from .errors import GatewayError
+from .policy import Client
+
+__all__ = ["Call", "Upstream", "UpstreamBroke", "init_app"]
+
+log = logging.getLogger("gateway")
+
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Call:
+    """One upstream request, already checked against the client's policy."""
+
+    client: Client
+    method: str
+    path: str
+    query: str | list[tuple[str, str]]
+    headers: Mapping[str, str]
+    body: bytes | None
+
+
+class UpstreamBroke(ConnectionResetError):
+    """The upstream failed after the response started; the client connection is reset.
+
+    A reset, not a clean end, so the caller can tell a cut stream from a whole one.
+    WSGI servers treat a ``ConnectionResetError`` as a quiet disconnect.
+    """
+
+
+def _new_session(pool_size: int) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxy, netrc or CA settings picked up from the environment
+    session.headers.clear()  # send what the caller sent, not requests' defaults
+    # Never keep a cookie: one client's upstream cookie must not reach another's call.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class Upstream:
+    """Sends calls upstream through a Session built after fork, shared by the worker's threads."""
+
+    def __init__(self, pool_size: int) -> None:
+        self._pool_size = pool_size
+        self._lock = threading.Lock()
+        self._session: requests.Session | None = None
+        self._pid: int | None = None
+
+    @property
+    def session(self) -> requests.Session:
+        """Return this process's Session, building it on first use after a fork."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._session = _new_session(self._pool_size)
+                    self._pid = os.getpid()
+        assert self._session is not None
+        return self._session
+
+    def send(self, call: Call) -> requests.Response:
+        """Send ``call`` and return the response with its body not yet read."""
+        client = call.client
+        url = client.target.base_url + call.path
+        params = None
+        if isinstance(call.query, str):
+            url += "?" + call.query if call.query else ""
+        else:
+            params = call.query
+        try:
+            return self.session.request(
+                call.method,
+                url,
+                params=params,
+                data=call.body,
+                headers=dict(call.headers),
+                timeout=(client.connect_timeout, client.read_timeout),
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.exceptions.Timeout:
+            log.warning("%s: upstream %s timed out", client.label, client.target.name)
+            raise GatewayError(
+                504, "upstream_timeout", "The upstream did not answer in time."
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            if _could_not_connect(exc):
+                log.warning("%s: upstream %s unreachable", client.label, client.target.name)
+                raise GatewayError(
+                    502, "upstream_unreachable", "The gateway could not connect to the upstream."
+                ) from None
+            log.warning("%s: upstream %s sent a broken response", client.label, client.target.name)
+            raise GatewayError(
+                502,
+                "upstream_error",
+                "The upstream closed the connection or sent a broken response.",
+            ) from None
+        except requests.exceptions.RequestException:
+            log.warning("%s: upstream %s call failed", client.label, client.target.name)
+            raise GatewayError(502, "upstream_error", "The call to the upstream failed.") from None
+
+
+def _could_not_connect(exc: requests.exceptions.ConnectionError) -> bool:
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # MaxRetryError wraps the real cause
+    return isinstance(
+        reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.NameResolutionError
+    )
+
+
+def stream_body(response: requests.Response, client: Client) -> Iterator[bytes]:
+    """Yield the upstream body as it arrives, bytes as sent (still encoded), then close it."""
+    raw = response.raw
+    sent = 0
+    try:
+        while chunk := raw.read1(CHUNK_SIZE, decode_content=False):
+            sent += len(chunk)
+            yield chunk
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+        log.warning(
+            "%s: upstream %s broke off the response after %d bytes (%s)",
+            client.label,
+            client.target.name,
+            sent,
+            type(exc).__name__,
+        )
+        raise UpstreamBroke() from None
+    finally:
+        response.close()
+
+
+def init_app(app: Flask) -> None:
+    """Give ``app`` its Upstream (the Session itself is built per process on first use)."""
+    app.extensions["gateway.upstream"] = Upstream(app.config["UPSTREAM_POOL_SIZE"])
