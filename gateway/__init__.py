@@ -16,7 +16,7 @@ __all__ = ["create_app"]
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the gateway app: defaults, then the environment (or ``test_config``)."""
-    app = Flask(__name__, instance_relative_config=True)
+    app = Flask(__name__, instance_relative_config=True, static_folder=None)
     app.config.from_mapping(
         GATEWAY_CONFIG=os.path.join(app.instance_path, "config.yaml"),
         GATEWAY_ENV_FILE=Path(app.instance_path).parent / ".env",

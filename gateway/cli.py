@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from .config import ConfigError, GatewayConfig, environment, load_config
 
@@ -34,6 +35,7 @@ def _summary(path: str, config: GatewayConfig) -> list[str]:
     type=click.Path(dir_okay=False),
     help="The YAML file to check (default: GATEWAY_CONFIG or instance/config.yaml).",
 )
+@with_appcontext
 def check_config(path: str | None) -> None:
     """Validate the gateway config and print a summary, or every problem found."""
     path = path or current_app.config["GATEWAY_CONFIG"]

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
+from werkzeug.routing import PathConverter
 
 from .envelope import EnvelopeSchema, query_params
 from .errors import GatewayError
@@ -21,8 +22,21 @@ __all__ = ["bp"]
 
 bp = Blueprint("gateway", __name__)
 
+
+@bp.record_once
+def _register_converter(state) -> None:
+    state.app.url_map.converters["anything"] = AnythingConverter
+
+
 _envelope_schema = EnvelopeSchema()
 _STATUS = {"invalid_path": 400, "invalid_header": 400}  # every other PolicyError is a 403
+
+
+class AnythingConverter(PathConverter):
+    """Like ``path``, but also matches a leading slash, so "//host" can be refused."""
+
+    regex = ".+"
+    part_isolating = False
 
 
 class UpstreamResponse(Response):
@@ -157,8 +171,10 @@ def _raw_subpath() -> str:
     return raw[len(prefix) - 1 :]
 
 
-@bp.route("/proxy/<path:subpath>", methods=METHODS)
-def transparent(subpath: str):
+# merge_slashes off: "/proxy//evil.example" must reach the path check (400), not
+# be rewritten by a redirect. The raw request target decides the path, not ``rest``.
+@bp.route("/proxy/<anything:rest>", methods=METHODS, merge_slashes=False)
+def transparent(rest: str):
     """Forward the request as it is to the same path on the client's target."""
     client = _authenticate()
     path = _allowed_path(client, request.method, _raw_subpath())
