@@ -85,7 +85,10 @@ def _unexpected_error(exc: Exception):
 
 
 def init_app(app: Flask) -> None:
-    """Register the JSON error handlers on ``app``."""
+    """Register the JSON error handlers on ``app``; give the gateway's log a handler."""
+    # Flask's logger is named after the app ("gateway", the name every module logs
+    # under): touching it attaches Flask's stderr handler with time and level.
+    app.logger.setLevel(logging.INFO)
     app.register_error_handler(GatewayError, _gateway_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)

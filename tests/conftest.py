@@ -34,3 +34,30 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    from .fake_upstream import FakeUpstream
+
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(fake_upstream, tmp_path_factory):
+    """The real app under gunicorn (shipped gunicorn.conf.py) against the fake upstream."""
+    from .live_gateway import LiveGateway, free_port
+    from .support import live_config
+
+    folder = tmp_path_factory.mktemp("gateway")
+    config = live_config(fake_upstream.url, f"http://127.0.0.1:{free_port()}")
+    live = LiveGateway(
+        write_config(folder / "config.yaml", config), CANARIES, folder / "gunicorn.log"
+    ).start()
+    yield live
+    live.stop()
+    # Secret egress: no canary in anything the gateway logged during the whole session.
+    for value in CANARIES.values():
+        assert value not in live.log_text(), "a secret reached the gateway's log"

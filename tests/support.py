@@ -63,3 +63,28 @@ def assert_no_canary(text: str | bytes) -> None:
         text = text.decode("latin-1")
     for value in CANARIES.values():
         assert value not in text
+
+
+SLOW_KEY = "ck-test-slow-0123456789"
+DEAD_KEY = "ck-test-dead-0123456789"
+
+
+def live_config(upstream_url: str, dead_url: str) -> dict:
+    """Return the test config against a real upstream, plus a slow and a dead client."""
+    config = base_config(upstream_url + "/v1")
+    config["targets"]["dead"] = {"baseUrl": dead_url}
+    config["clients"][SLOW_KEY] = {
+        "target": "api",
+        "authHeaderRef": "openai",
+        "allowedMethods": ["*"],
+        "allowedPaths": ["/**"],
+        "timeoutMs": 500,
+    }
+    config["clients"][DEAD_KEY] = {
+        "target": "dead",
+        "authHeaderRef": "openai",
+        "allowedMethods": ["*"],
+        "allowedPaths": ["/**"],
+        "connectTimeoutMs": 1000,
+    }
+    return config

@@ -1,0 +1,216 @@
+"""A real HTTP upstream on 127.0.0.1 that records what it receives.
+
+Routes (under any prefix, e.g. /v1): ``/echo``, ``/sse``, ``/sse-lockstep``,
+``/slow``, ``/gzip``, ``/big``, ``/status/<code>``. Tests add more with ``route``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+GZIP_TEXT = ("The quick brown fox jumps over the lazy dog. " * 2000).encode()
+PATTERN = bytes(range(256)) * 256  # 64 KiB of every byte value
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    closed: threading.Event = field(default_factory=threading.Event)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeUpstream
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def _handle(self) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            body = self.rfile.read(length) if length else b""
+        seen = Seen(self.command, parts.path, parts.query, dict(self.headers.items()), body)
+        self.server.record(seen)
+        self.seen = seen
+        self.query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        name = parts.path.rsplit("/", 1)[-1]
+        if parts.path.split("/")[-2:-1] == ["status"]:
+            name = "status"
+        builtin = getattr(type(self), f"route_{name}".replace("-", "_"), None)
+        handler = self.server.routes.get(name) or builtin
+        try:
+            if handler is None:
+                self.send_json(404, {"error": "no such route", "path": parts.path})
+            else:
+                handler(self)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            seen.closed.set()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+    def _read_chunked(self) -> bytes:
+        data = b""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0], 16)
+            if size == 0:
+                self.rfile.readline()
+                return data
+            data += self.rfile.read(size)
+            self.rfile.readline()
+
+    # --- helpers -----------------------------------------------------------
+
+    def send_json(self, status: int, payload, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def start_chunked(self, content_type: str, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # --- routes ------------------------------------------------------------
+
+    def route_echo(self) -> None:
+        self.send_json(
+            200,
+            {
+                "method": self.command,
+                "path": self.seen.path,
+                "query": self.seen.query,
+                "headers": self.seen.headers,
+                "body_sha256": hashlib.sha256(self.seen.body).hexdigest(),
+                "body_length": len(self.seen.body),
+            },
+            headers={
+                "X-RateLimit-Remaining": "41",
+                "X-Request-Id": "req-echo",
+                "Set-Cookie": "upstream=1",
+            },
+        )
+
+    def route_sse(self) -> None:
+        events = int(self.query.get("events", 5))
+        interval = float(self.query.get("interval", 0.05))
+        self.start_chunked("text/event-stream")
+        for i in range(events):
+            self.chunk(f"data: {json.dumps({'i': i, 't': time.time()})}\n\n".encode())
+            time.sleep(interval)
+        self.chunk(b"data: [DONE]\n\n")
+        self.end_chunked()
+
+    def route_sse_lockstep(self) -> None:
+        """Send one event, then wait for the test to say it arrived before sending the next."""
+        events = int(self.query.get("events", 3))
+        self.start_chunked("text/event-stream")
+        for i in range(events):
+            self.chunk(f"data: {i}\n\n".encode())
+            if not self.server.release.acquire(timeout=10):
+                return  # the event never reached the test: stop without a clean end
+        self.end_chunked()
+
+    def route_slow(self) -> None:
+        time.sleep(float(self.query.get("delay", 2)))
+        self.send_json(200, {"slow": True})
+
+    def route_gzip(self) -> None:
+        accepts = "gzip" in self.headers.get("Accept-Encoding", "")
+        data = gzip.compress(GZIP_TEXT) if accepts else GZIP_TEXT
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        if accepts:
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def route_big(self) -> None:
+        total = int(self.query.get("bytes", 1024 * 1024))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(total))
+        self.end_headers()
+        left = total
+        while left:
+            piece = PATTERN[: min(left, len(PATTERN))]
+            self.wfile.write(piece)
+            left -= len(piece)
+
+    def route_status(self) -> None:
+        code = int(self.seen.path.rsplit("/", 1)[-1])
+        self.send_json(code, {"status": code}, headers={"Retry-After": "3"})
+
+
+class FakeUpstream(ThreadingHTTPServer):
+    """The upstream server, run in a background thread of the test process."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.seen: list[Seen] = []
+        self.routes: dict[str, Callable[[Handler], None]] = {}
+        self.release = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def record(self, seen: Seen) -> None:
+        with self._lock:
+            self.seen.append(seen)
+
+    def last(self, path_suffix: str) -> Seen:
+        """Return the latest request whose path ends with ``path_suffix``."""
+        with self._lock:
+            for seen in reversed(self.seen):
+                if seen.path.endswith(path_suffix):
+                    return seen
+        raise AssertionError(f"the upstream never saw {path_suffix}")
+
+    def start(self) -> FakeUpstream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

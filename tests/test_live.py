@@ -1,0 +1,210 @@
+"""The real app under gunicorn against a real upstream: what a mock cannot show."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+import requests
+
+from .fake_upstream import GZIP_TEXT, PATTERN
+from .live_gateway import LiveGateway
+from .support import (
+    CANARIES,
+    CHAT_KEY,
+    DEAD_KEY,
+    SLOW_KEY,
+    assert_no_canary,
+    base_config,
+    write_config,
+)
+
+AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
+
+
+def test_envelope_adds_the_secret_and_never_forwards_the_client_key(gateway, fake_upstream):
+    response = requests.post(
+        gateway.url + "/proxy",
+        json={
+            "method": "POST",
+            "path": "/chat/completions",
+            "body": {"q": 1},
+            "headers": {"X-Custom": "yes", "Authorization": "Bearer stolen"},
+        },
+        headers=AUTH,
+        timeout=10,
+    )
+    assert response.status_code == 404  # the fake upstream has no such route; passed through
+    seen = fake_upstream.last("/v1/chat/completions")
+    assert seen.headers["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
+    assert seen.headers["x-api-key"] == CANARIES["CANARY_ANTHROPIC"]
+    assert seen.headers["X-Custom"] == "yes"
+    assert CHAT_KEY not in str(seen.headers) + seen.body.decode()
+    assert seen.body == b'{"q":1}'
+    assert_no_canary(response.content + str(response.headers).encode())
+
+
+def test_transparent_mode_forwards_body_and_query_and_strips_keys(gateway, fake_upstream):
+    from .support import RAPID_KEY
+
+    body = bytes(range(256)) * 10
+    response = requests.put(
+        gateway.url + "/proxy/a/b/echo?x=1&y=%20z",
+        data=body,
+        headers={"X-Api-Key": RAPID_KEY, "Content-Type": "application/octet-stream"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    assert echoed["path"] == "/v1/a/b/echo"
+    assert echoed["query"] == "x=1&y=%20z"
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert echoed["headers"]["X-RapidAPI-Key"] == CANARIES["CANARY_RAPID"]
+    assert echoed["headers"]["Content-Type"] == "application/octet-stream"
+    lower = {k.lower() for k in echoed["headers"]}
+    assert "x-api-key" not in lower and "authorization" not in lower
+    assert response.headers["X-RateLimit-Remaining"] == "41"
+    assert "Set-Cookie" not in response.headers
+
+
+@pytest.mark.parametrize("mode", ["envelope", "transparent"])
+def test_sse_events_arrive_one_by_one_before_the_upstream_finishes(gateway, fake_upstream, mode):
+    # The upstream sends event i+1 only after the test has received event i, so a
+    # gateway that buffered the stream would deadlock here instead of passing.
+    if mode == "envelope":
+        response = requests.post(
+            gateway.url + "/proxy",
+            json={"path": "/files/sse-lockstep", "query": {"events": 4}},
+            headers=AUTH,
+            stream=True,
+            timeout=15,
+        )
+    else:
+        response = requests.get(
+            gateway.url + "/proxy/files/sse-lockstep?events=4",
+            headers=AUTH,
+            stream=True,
+            timeout=15,
+        )
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    received, buffer = [], b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            received.append(event)
+            fake_upstream.release.release()
+    assert received == [b"data: 0", b"data: 1", b"data: 2", b"data: 3"]
+
+
+def test_client_going_away_mid_stream_closes_the_upstream(gateway, fake_upstream):
+    response = requests.get(
+        gateway.url + "/proxy/files/sse?events=400&interval=0.05",
+        headers=AUTH,
+        stream=True,
+        timeout=10,
+    )
+    next(response.iter_content(chunk_size=None))
+    seen = fake_upstream.last("/v1/files/sse")
+    response.close()
+    assert seen.closed.wait(5), "the upstream kept streaming to a gateway whose client left"
+
+
+def test_slow_upstream_gets_504(gateway):
+    response = requests.get(
+        gateway.url + "/proxy/slow?delay=3",
+        headers={"Authorization": f"Bearer {SLOW_KEY}"},
+        timeout=10,
+    )
+    assert response.status_code == 504
+    assert response.json()["error"] == "upstream_timeout"
+
+
+def test_closed_port_gets_502(gateway):
+    response = requests.get(
+        gateway.url + "/proxy/anything",
+        headers={"Authorization": f"Bearer {DEAD_KEY}"},
+        timeout=10,
+    )
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream_unreachable"
+
+
+def test_gzip_bodies_pass_intact_with_matching_headers(gateway):
+    response = requests.get(
+        gateway.url + "/proxy/files/gzip", headers=AUTH, stream=True, timeout=10
+    )
+    raw = response.raw.read(decode_content=False)
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert int(response.headers["Content-Length"]) == len(raw)
+    import gzip
+
+    assert gzip.decompress(raw) == GZIP_TEXT
+
+
+def test_client_that_does_not_accept_gzip_gets_identity(gateway):
+    response = requests.get(
+        gateway.url + "/proxy/files/gzip",
+        headers={**AUTH, "Accept-Encoding": "identity"},
+        timeout=10,
+    )
+    assert "Content-Encoding" not in response.headers
+    assert response.content == GZIP_TEXT
+
+
+def test_50_mb_body_streams_with_bounded_memory(gateway):
+    size = 50 * 1024 * 1024
+    baseline = gateway.rss()
+    peak = baseline
+    done = threading.Event()
+
+    def watch():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, gateway.rss())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        response = requests.get(
+            gateway.url + f"/proxy/files/big?bytes={size}", headers=AUTH, stream=True, timeout=30
+        )
+        digest, count = hashlib.sha256(), 0
+        for chunk in response.iter_content(chunk_size=256 * 1024):
+            digest.update(chunk)
+            count += len(chunk)
+    finally:
+        done.set()
+        watcher.join()
+    assert count == size
+    expected = hashlib.sha256(PATTERN * (size // len(PATTERN))).hexdigest()
+    assert digest.hexdigest() == expected
+    growth = (peak - baseline) / 1024 / 1024
+    assert growth < 20, f"gateway RSS grew by {growth:.1f} MB for a 50 MB body"
+
+
+def test_upstream_error_statuses_pass_through(gateway):
+    response = requests.get(gateway.url + "/proxy/files/status/503", headers=AUTH, timeout=10)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "3"
+    assert response.json() == {"status": 503}
+
+
+def test_invalid_config_refuses_to_start(tmp_path):
+    raw = base_config()
+    raw["clients"][CHAT_KEY]["allowedPaths"] = []
+    raw["secrets"]["extra"] = "${NOT_SET_FOR_THIS_TEST}"
+    live = LiveGateway(write_config(tmp_path / "bad.yaml", raw), CANARIES, tmp_path / "log")
+    with pytest.raises(RuntimeError, match="gunicorn exited early"):
+        live.start()
+    live.stop()
+    assert live.process.returncode == 1
+    log = live.log_text()
+    assert 'allowedPaths: must not be empty; write ["/**"]' in log
+    assert "environment variable NOT_SET_FOR_THIS_TEST is not set" in log
+    assert "Traceback" not in log
+    assert_no_canary(log)
