@@ -48,6 +48,10 @@ class GatewayConfig:
         """Return the client whose key is ``key``, or None."""
         return self.clients.get(key_digest(key))
 
+    def any_client_allows(self, origin: str) -> bool:
+        """Return whether some client lets a page on ``origin`` call (for preflights)."""
+        return any(client.allows_origin(origin) for client in self.clients.values())
+
 
 # --- schemas -----------------------------------------------------------------
 

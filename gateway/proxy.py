@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.routing import PathConverter
 
+from . import cors
 from .envelope import EnvelopeSchema, query_params
 from .errors import GatewayError
 from .headers import client_headers, response_headers, upstream_headers
@@ -72,7 +73,43 @@ def _authenticate() -> Client:
             "The client key is not known to this gateway.",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
+    g.client = client
+    origin = request.headers.get("Origin")
+    if origin is not None and not client.allows_origin(origin):
+        raise GatewayError(
+            403, "origin_not_allowed", "This client key may not be used from this web origin."
+        )
     return client
+
+
+@bp.before_request
+def _answer_preflight():
+    """Answer a CORS preflight before any key check: browsers send it without credentials."""
+    origin = request.headers.get("Origin")
+    if request.method != "OPTIONS" or origin is None:
+        return None
+    if "Access-Control-Request-Method" not in request.headers:
+        return None
+    response = Response(status=204)
+    response.vary.add("Origin")
+    if current_app.config["GATEWAY"].any_client_allows(origin):
+        requested = request.headers.get("Access-Control-Request-Headers")
+        response.headers.update(cors.preflight_headers(origin, requested))
+    return response
+
+
+@bp.after_request
+def _add_cors_headers(response: Response) -> Response:
+    """Let an allowed page read the answer; before a key is known, any client's origin counts."""
+    origin = request.headers.get("Origin")
+    if origin is None or "Access-Control-Allow-Origin" in response.headers:
+        return response
+    response.vary.add("Origin")
+    client = g.get("client")
+    config = current_app.config["GATEWAY"]
+    if client.allows_origin(origin) if client else config.any_client_allows(origin):
+        response.headers.update(cors.response_headers(origin, response.headers.keys()))
+    return response
 
 
 def _allowed_path(client: Client, method: str, raw_path: str) -> str:

@@ -1,0 +1,175 @@
+"""``/openapi.json`` generated from the marshmallow schemas, and Swagger UI at ``/docs``.
+
+Swagger UI's files come from the swagger-ui-bundle package: no CDN, works offline.
+"""
+
+from __future__ import annotations
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, Flask, current_app, send_from_directory
+from swagger_ui_bundle import swagger_ui_path
+
+from .envelope import EnvelopeSchema, ErrorSchema, HealthSchema
+from .policy import METHODS
+
+__all__ = ["build_spec", "init_app"]
+
+bp = Blueprint("docs", __name__)
+
+# Which gateway error codes each status can carry: the contract clients code against.
+ERRORS = {
+    400: ("Bad request", ["invalid_json", "invalid_envelope", "invalid_path", "invalid_header"]),
+    401: ("No or unknown client key", ["missing_client_key", "invalid_client_key"]),
+    403: (
+        "Outside the client's policy",
+        ["method_not_allowed", "path_not_allowed", "origin_not_allowed"],
+    ),
+    413: ("Request body over maxRequestBytes", ["request_too_large"]),
+    502: ("Upstream unreachable or broken", ["upstream_unreachable", "upstream_error"]),
+    504: ("Upstream timed out before answering", ["upstream_timeout"]),
+}
+
+_UPSTREAM_ANSWER = {
+    "description": "The upstream's answer, passed through (status, headers and body, "
+    "streamed as it arrives; Server-Sent Events included).",
+    "content": {"*/*": {"schema": {}}},
+}
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>API-key gateway: API docs</title>
+  <link rel="stylesheet" href="docs/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="docs/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui"});
+  </script>
+</body>
+</html>
+"""
+
+
+def _error_responses(statuses: list[int]) -> dict:
+    responses = {}
+    for status in statuses:
+        summary, codes = ERRORS[status]
+        responses[str(status)] = {
+            "description": f"{summary}. `error` is one of: {', '.join(codes)}.",
+            "content": {"application/json": {"schema": "Error"}},
+        }
+    return responses
+
+
+def build_spec() -> dict:
+    """Return the OpenAPI 3 document for the gateway's routes."""
+    spec = APISpec(
+        title="API-key gateway",
+        version="1.0.0",
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        info={"description": "Client keys in, secret upstream keys added, answers streamed back."},
+    )
+    spec.components.schema("Envelope", schema=EnvelopeSchema)
+    spec.components.schema("Error", schema=ErrorSchema)
+    spec.components.schema("Health", schema=HealthSchema)
+    spec.components.security_scheme(
+        "clientKey", {"type": "http", "scheme": "bearer", "description": "Your client key."}
+    )
+    spec.components.security_scheme(
+        "clientKeyHeader",
+        {
+            "type": "apiKey",
+            "in": "header",
+            "name": "x-api-key",
+            "description": "The client key, Anthropic-style (transparent mode).",
+        },
+    )
+    security = [{"clientKey": []}, {"clientKeyHeader": []}]
+
+    spec.path(
+        path="/proxy",
+        operations={
+            "post": {
+                "summary": "Forward one call described by a JSON envelope",
+                "operationId": "proxyEnvelope",
+                "security": [{"clientKey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": "Envelope"}},
+                },
+                "responses": {
+                    "default": _UPSTREAM_ANSWER,
+                    **_error_responses([400, 401, 403, 413, 502, 504]),
+                },
+            }
+        },
+    )
+    transparent = {
+        "summary": "Forward this request as it is to the same path on the client's target",
+        "security": security,
+        "parameters": [
+            {
+                "name": "path",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "Path below the target's baseUrl; may hold slashes.",
+            }
+        ],
+        "responses": {
+            "default": _UPSTREAM_ANSWER,
+            **_error_responses([400, 401, 403, 413, 502, 504]),
+        },
+    }
+    operations = {}
+    for method in METHODS:
+        operation = {**transparent, "operationId": f"proxyTransparent{method.title()}"}
+        if method in ("POST", "PUT", "PATCH", "DELETE"):
+            operation["requestBody"] = {"content": {"*/*": {"schema": {}}}}
+        operations[method.lower()] = operation
+    spec.path(path="/proxy/{path}", operations=operations)
+    spec.path(
+        path="/health",
+        operations={
+            "get": {
+                "summary": "Say the gateway is up (no key, no upstream call)",
+                "operationId": "health",
+                "responses": {
+                    "200": {
+                        "description": "Up",
+                        "content": {"application/json": {"schema": "Health"}},
+                    }
+                },
+            }
+        },
+    )
+    return spec.to_dict()
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    """Serve the OpenAPI document."""
+    return current_app.extensions["gateway.openapi"]
+
+
+@bp.get("/docs")
+def docs():
+    """Serve Swagger UI for the OpenAPI document."""
+    return _DOCS_PAGE
+
+
+@bp.get("/docs/<path:filename>")
+def docs_asset(filename: str):
+    """Serve Swagger UI's own files from the installed package."""
+    return send_from_directory(swagger_ui_path, filename)
+
+
+def init_app(app: Flask) -> None:
+    """Build the document once and register the docs routes."""
+    app.extensions["gateway.openapi"] = build_spec()
+    app.register_blueprint(bp)
