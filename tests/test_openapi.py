@@ -6,8 +6,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
 from openapi_spec_validator import validate
+from schemathesis import GenerationMode
 
 from gateway import create_app
 
