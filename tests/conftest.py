@@ -46,13 +46,21 @@ def fake_upstream():
 
 
 @pytest.fixture(scope="session")
-def gateway(fake_upstream, tmp_path_factory):
+def page_origin():
+    """The origin the browser test serves its page from (the gateway allows it)."""
+    from .live_gateway import free_port
+
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def gateway(fake_upstream, tmp_path_factory, page_origin):
     """The real app under gunicorn (shipped gunicorn.conf.py) against the fake upstream."""
     from .live_gateway import LiveGateway, free_port
     from .support import live_config
 
     folder = tmp_path_factory.mktemp("gateway")
-    config = live_config(fake_upstream.url, f"http://127.0.0.1:{free_port()}")
+    config = live_config(fake_upstream.url, f"http://127.0.0.1:{free_port()}", page_origin)
     live = LiveGateway(
         write_config(folder / "config.yaml", config), CANARIES, folder / "gunicorn.log"
     ).start()

@@ -172,6 +172,76 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(piece)
             left -= len(piece)
 
+    # --- OpenAI and Anthropic wire formats -----------------------------------
+
+    def _json_body(self) -> dict:
+        try:
+            return json.loads(self.seen.body or b"{}")
+        except ValueError:
+            return {}
+
+    def _step(self, lockstep: bool) -> bool:
+        """In lockstep, wait until the test has consumed the last piece; False on timeout."""
+        return self.server.release.acquire(timeout=10) if lockstep else True
+
+    def route_completions(self) -> None:
+        """OpenAI ``POST /chat/completions``; model "lockstep" streams one chunk per release."""
+        request = self._json_body()
+        words = ["Hello", " from", " the", " fake", " upstream"]
+        base = {"id": "chatcmpl-1", "created": 1700000000, "model": request.get("model", "m")}
+        if not request.get("stream"):
+            self.send_json(200, {**base, "object": "chat.completion", "choices": [{
+                "index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "".join(words)}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}},
+                headers={"x-request-id": "req-openai"})
+            return
+        lockstep = request.get("model") == "lockstep"
+        self.start_chunked("text/event-stream")
+        for word in words:
+            chunk = {**base, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            self.chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+            if not self._step(lockstep):
+                return
+        self.chunk(b"data: [DONE]\n\n")
+        self.end_chunked()
+
+    def route_models(self) -> None:
+        self.send_json(200, {"object": "list", "data": [
+            {"id": "gpt-test", "object": "model", "created": 1700000000, "owned_by": "test"}]})
+
+    def route_messages(self) -> None:
+        """Anthropic ``POST /v1/messages``, plain or as its event stream."""
+        request = self._json_body()
+        words = ["Hello", " from", " Claude's", " stand-in"]
+        message = {"id": "msg_1", "type": "message", "role": "assistant",
+                   "model": request.get("model", "m"), "stop_reason": None,
+                   "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}
+        if not request.get("stream"):
+            self.send_json(200, {**message, "stop_reason": "end_turn",
+                                 "content": [{"type": "text", "text": "".join(words)}],
+                                 "usage": {"input_tokens": 3, "output_tokens": 4}})
+            return
+        lockstep = request.get("model") == "lockstep"
+
+        def event(name: str, data: dict) -> None:
+            self.chunk(f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode())
+
+        self.start_chunked("text/event-stream")
+        event("message_start", {"message": {**message, "content": []}})
+        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        for word in words:
+            event("content_block_delta",
+                  {"index": 0, "delta": {"type": "text_delta", "text": word}})
+            if not self._step(lockstep):
+                return
+        event("content_block_stop", {"index": 0})
+        event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": 4}})
+        event("message_stop", {})
+        self.end_chunked()
+
     def route_status(self) -> None:
         code = int(self.seen.path.rsplit("/", 1)[-1])
         self.send_json(code, {"status": code}, headers={"Retry-After": "3"})

@@ -67,12 +67,28 @@ def assert_no_canary(text: str | bytes) -> None:
 
 SLOW_KEY = "ck-test-slow-0123456789"
 DEAD_KEY = "ck-test-dead-0123456789"
+ANTHROPIC_KEY = "ck-test-anthropic-0123456789"
+BROWSER_KEY = "ck-test-browser-0123456789"
 
 
-def live_config(upstream_url: str, dead_url: str) -> dict:
-    """Return the test config against a real upstream, plus a slow and a dead client."""
+def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
+    """Return the test config against a real upstream, plus slow, dead, SDK and browser clients."""
     config = base_config(upstream_url + "/v1")
     config["targets"]["dead"] = {"baseUrl": dead_url}
+    config["targets"]["anthropic"] = {"baseUrl": upstream_url}
+    config["clients"][ANTHROPIC_KEY] = {
+        "target": "anthropic",
+        "secretHeaders": {"x-api-key": "anthropic"},
+        "allowedMethods": ["POST"],
+        "allowedPaths": ["/v1/messages"],
+    }
+    config["clients"][BROWSER_KEY] = {
+        "target": "api",
+        "authHeaderRef": "openai",
+        "allowedMethods": ["GET", "POST"],
+        "allowedPaths": ["/chat/completions", "/models", "/files/**"],
+        "allowedOrigins": [page_origin],
+    }
     config["clients"][SLOW_KEY] = {
         "target": "api",
         "authHeaderRef": "openai",
