@@ -190,17 +190,31 @@ class Handler(BaseHTTPRequestHandler):
         words = ["Hello", " from", " the", " fake", " upstream"]
         base = {"id": "chatcmpl-1", "created": 1700000000, "model": request.get("model", "m")}
         if not request.get("stream"):
-            self.send_json(200, {**base, "object": "chat.completion", "choices": [{
-                "index": 0, "finish_reason": "stop",
-                "message": {"role": "assistant", "content": "".join(words)}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}},
-                headers={"x-request-id": "req-openai"})
+            self.send_json(
+                200,
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "".join(words)},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6},
+                },
+                headers={"x-request-id": "req-openai"},
+            )
             return
         lockstep = request.get("model") == "lockstep"
         self.start_chunked("text/event-stream")
         for word in words:
-            chunk = {**base, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            chunk = {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+            }
             self.chunk(f"data: {json.dumps(chunk)}\n\n".encode())
             if not self._step(lockstep):
                 return
@@ -208,20 +222,39 @@ class Handler(BaseHTTPRequestHandler):
         self.end_chunked()
 
     def route_models(self) -> None:
-        self.send_json(200, {"object": "list", "data": [
-            {"id": "gpt-test", "object": "model", "created": 1700000000, "owned_by": "test"}]})
+        self.send_json(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {"id": "gpt-test", "object": "model", "created": 1700000000, "owned_by": "test"}
+                ],
+            },
+        )
 
     def route_messages(self) -> None:
         """Anthropic ``POST /v1/messages``, plain or as its event stream."""
         request = self._json_body()
         words = ["Hello", " from", " Claude's", " stand-in"]
-        message = {"id": "msg_1", "type": "message", "role": "assistant",
-                   "model": request.get("model", "m"), "stop_reason": None,
-                   "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}
+        message = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": request.get("model", "m"),
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 0},
+        }
         if not request.get("stream"):
-            self.send_json(200, {**message, "stop_reason": "end_turn",
-                                 "content": [{"type": "text", "text": "".join(words)}],
-                                 "usage": {"input_tokens": 3, "output_tokens": 4}})
+            self.send_json(
+                200,
+                {
+                    **message,
+                    "stop_reason": "end_turn",
+                    "content": [{"type": "text", "text": "".join(words)}],
+                    "usage": {"input_tokens": 3, "output_tokens": 4},
+                },
+            )
             return
         lockstep = request.get("model") == "lockstep"
 
@@ -232,13 +265,19 @@ class Handler(BaseHTTPRequestHandler):
         event("message_start", {"message": {**message, "content": []}})
         event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         for word in words:
-            event("content_block_delta",
-                  {"index": 0, "delta": {"type": "text_delta", "text": word}})
+            event(
+                "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}}
+            )
             if not self._step(lockstep):
                 return
         event("content_block_stop", {"index": 0})
-        event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                "usage": {"output_tokens": 4}})
+        event(
+            "message_delta",
+            {
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 4},
+            },
+        )
         event("message_stop", {})
         self.end_chunked()
 

@@ -16,8 +16,9 @@ def openai_client(gateway):
 
 @pytest.fixture
 def anthropic_client(gateway):
-    return anthropic.Anthropic(base_url=gateway.url + "/proxy", api_key=ANTHROPIC_KEY,
-                               max_retries=0)
+    return anthropic.Anthropic(
+        base_url=gateway.url + "/proxy", api_key=ANTHROPIC_KEY, max_retries=0
+    )
 
 
 def assert_secret_not_key(seen, header, secret):
