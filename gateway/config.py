@@ -43,6 +43,7 @@ class GatewayConfig:
     clients: Mapping[bytes, Client]
     secret_names: tuple[str, ...]
     max_request_bytes: int
+    body_timeout: float = 30.0
 
     def client_for(self, key: str) -> Client | None:
         """Return the client whose key is ``key``, or None."""
@@ -109,6 +110,7 @@ class ConfigSchema(_Strict):
         error_messages=_REQUIRED,
     )
     maxRequestBytes = fields.Integer(strict=True, validate=validate.Range(1024, 2**40))
+    bodyTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
 
 
 def _schema_at(path: list[str | int]) -> type[Schema] | None:
@@ -304,6 +306,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
         clients=clients,
         secret_names=tuple(secrets),
         max_request_bytes=data.get("maxRequestBytes", DEFAULT_MAX_REQUEST_BYTES),
+        body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
     )
 
 

@@ -25,6 +25,7 @@ ERRORS = {
         "Outside the client's policy",
         ["method_not_allowed", "path_not_allowed", "origin_not_allowed"],
     ),
+    408: ("Request body too slow", ["request_timeout"]),
     413: ("Request body over maxRequestBytes", ["request_too_large"]),
     502: ("Upstream unreachable or broken", ["upstream_unreachable", "upstream_error"]),
     504: ("Upstream timed out before answering", ["upstream_timeout"]),
@@ -104,7 +105,7 @@ def build_spec() -> dict:
                 },
                 "responses": {
                     "default": _UPSTREAM_ANSWER,
-                    **_error_responses([400, 401, 403, 413, 502, 504]),
+                    **_error_responses([400, 401, 403, 408, 413, 502, 504]),
                 },
             }
         },
@@ -123,7 +124,7 @@ def build_spec() -> dict:
         ],
         "responses": {
             "default": _UPSTREAM_ANSWER,
-            **_error_responses([400, 401, 403, 413, 502, 504]),
+            **_error_responses([400, 401, 403, 408, 413, 502, 504]),
         },
     }
     operations = {}

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.routing import PathConverter
 
 from . import cors
@@ -132,13 +133,32 @@ def _forward(call: Call) -> Response:
     )
 
 
+def _read_body() -> bytes:
+    """Read the request body within ``bodyTimeoutMs``, so a trickling client frees its slot."""
+    # gunicorn hands the client socket to the app; its default is no timeout at all.
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(current_app.config["GATEWAY"].body_timeout)
+    try:
+        body = request.get_data(cache=False)
+    except (OSError, ClientDisconnected):
+        # The deadline stays on the socket: the server's drain of the rest fails fast too.
+        raise GatewayError(
+            408, "request_timeout", "The request body did not arrive in time."
+        ) from None
+    if sock is not None:
+        sock.settimeout(None)
+    return body
+
+
 def _read_envelope() -> dict:
     if not request.is_json:
         raise GatewayError(
             400, "invalid_json", "Send the envelope with Content-Type: application/json."
         )
+    body = _read_body()
     try:
-        data = json.loads(request.get_data(cache=False), parse_constant=_refuse_constant)
+        data = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise GatewayError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -215,7 +235,7 @@ def transparent(rest: str):
     """Forward the request as it is to the same path on the client's target."""
     client = _authenticate()
     path = _allowed_path(client, request.method, _raw_subpath())
-    body = request.get_data(cache=False) or None
+    body = _read_body() or None
     call = Call(
         client=client,
         method=request.method,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
@@ -41,7 +42,7 @@ class UpstreamBroke(ConnectionResetError):
     """The upstream failed after the response started; the client connection is reset.
 
     A reset, not a clean end, so the caller can tell a cut stream from a whole one.
-    WSGI servers treat a ``ConnectionResetError`` as a quiet disconnect.
+    WSGI servers treat ECONNRESET as a quiet disconnect (gunicorn logs it at debug).
     """
 
 
@@ -99,9 +100,7 @@ class Upstream:
             )
         except requests.exceptions.Timeout:
             log.warning("%s: upstream %s timed out", client.label, client.target.name)
-            raise GatewayError(
-                504, "upstream_timeout", "The upstream did not answer in time."
-            ) from None
+            raise _timeout() from None
         except requests.exceptions.ConnectionError as exc:
             if _could_not_connect(exc):
                 log.warning("%s: upstream %s unreachable", client.label, client.target.name)
@@ -109,14 +108,20 @@ class Upstream:
                     502, "upstream_unreachable", "The gateway could not connect to the upstream."
                 ) from None
             log.warning("%s: upstream %s sent a broken response", client.label, client.target.name)
-            raise GatewayError(
-                502,
-                "upstream_error",
-                "The upstream closed the connection or sent a broken response.",
-            ) from None
+            raise _broken() from None
         except requests.exceptions.RequestException:
             log.warning("%s: upstream %s call failed", client.label, client.target.name)
-            raise GatewayError(502, "upstream_error", "The call to the upstream failed.") from None
+            raise _broken() from None
+
+
+def _timeout() -> GatewayError:
+    return GatewayError(504, "upstream_timeout", "The upstream did not answer in time.")
+
+
+def _broken() -> GatewayError:
+    return GatewayError(
+        502, "upstream_error", "The upstream closed the connection or sent a broken response."
+    )
 
 
 def _could_not_connect(exc: requests.exceptions.ConnectionError) -> bool:
@@ -127,15 +132,41 @@ def _could_not_connect(exc: requests.exceptions.ConnectionError) -> bool:
     )
 
 
+_READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
 def stream_body(response: requests.Response, client: Client) -> Iterator[bytes]:
-    """Yield the upstream body as it arrives, bytes as sent (still encoded), then close it."""
-    raw = response.raw
-    sent = 0
+    """Return the upstream body as an iterator of chunks as they arrive, still encoded.
+
+    The first chunk is read here, before the response starts: the WSGI server sends
+    the headers with the first chunk anyway, and a failure this early can still be
+    answered with a clean 502 or 504 instead of a dropped connection.
+    """
     try:
-        while chunk := raw.read1(CHUNK_SIZE, decode_content=False):
-            sent += len(chunk)
+        first = response.raw.read1(CHUNK_SIZE, decode_content=False)
+    except _READ_ERRORS as exc:
+        response.close()
+        timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
+        log.warning(
+            "%s: upstream %s failed before its body (%s)",
+            client.label,
+            client.target.name,
+            type(exc).__name__,
+        )
+        raise (_timeout() if timed_out else _broken()) from None
+    return _rest_of_body(response, client, first)
+
+
+def _rest_of_body(response: requests.Response, client: Client, first: bytes) -> Iterator[bytes]:
+    raw = response.raw
+    sent = len(first)
+    try:
+        chunk = first
+        while chunk:
             yield chunk
-    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+            chunk = raw.read1(CHUNK_SIZE, decode_content=False)
+            sent += len(chunk)
+    except _READ_ERRORS as exc:
         log.warning(
             "%s: upstream %s broke off the response after %d bytes (%s)",
             client.label,
@@ -143,7 +174,7 @@ def stream_body(response: requests.Response, client: Client) -> Iterator[bytes]:
             sent,
             type(exc).__name__,
         )
-        raise UpstreamBroke() from None
+        raise UpstreamBroke(errno.ECONNRESET, "the upstream broke off the response") from None
     finally:
         response.close()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -82,6 +84,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, payload, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        self.send_header("X-Fake-Upstream", "1")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
@@ -280,6 +283,64 @@ class Handler(BaseHTTPRequestHandler):
         )
         event("message_stop", {})
         self.end_chunked()
+
+    # --- faults: what real upstreams do on a bad day ---------------------------
+
+    def _reset(self) -> None:
+        """Close with RST instead of FIN: what a crashed or killed upstream looks like."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+
+    def route_silence(self) -> None:
+        time.sleep(float(self.query.get("delay", 3)))
+        self.close_connection = True
+
+    def route_reset_before_headers(self) -> None:
+        self._reset()
+
+    def route_reset_mid_body(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        self.wfile.write(b"x" * 10000)
+        self.wfile.flush()
+        self._reset()
+
+    def route_cut_mid_event(self) -> None:
+        self.start_chunked("text/event-stream")
+        self.chunk(b'data: {"complete": true}\n\n')
+        self.chunk(b'data: {"cut": ')
+        self.close_connection = True
+
+    def route_drip(self) -> None:
+        """Many small pieces with gaps shorter than the read timeout: must pass whole."""
+        pieces, gap = int(self.query.get("pieces", 15)), float(self.query.get("gap", 0.2))
+        self.start_chunked("text/event-stream")
+        for i in range(pieces):
+            self.chunk(f"data: {i}\n\n".encode())
+            time.sleep(gap)
+        self.end_chunked()
+
+    def route_bad_status(self) -> None:
+        self.wfile.write(b"HTTP/1.1 two hundred OK\r\nContent-Length: 0\r\n\r\n")
+        self.close_connection = True
+
+    def route_huge_headers(self) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(150):  # more header lines than any sane client accepts
+            self.wfile.write(b"X-Filler-%d: %s\r\n" % (i, b"y" * 1000))
+        self.wfile.write(b"X-Long: " + b"z" * 70000 + b"\r\nContent-Length: 0\r\n\r\n")
+        self.close_connection = True
+
+    def route_short_body(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", "5000")
+        self.end_headers()
+        self.wfile.write(b"only this much")
+        self.close_connection = True
 
     def route_status(self) -> None:
         code = int(self.seen.path.rsplit("/", 1)[-1])

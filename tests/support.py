@@ -74,6 +74,7 @@ BROWSER_KEY = "ck-test-browser-0123456789"
 def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
     """Return the test config against a real upstream, plus slow, dead, SDK and browser clients."""
     config = base_config(upstream_url + "/v1")
+    config["bodyTimeoutMs"] = 2000
     config["targets"]["dead"] = {"baseUrl": dead_url}
     config["targets"]["anthropic"] = {"baseUrl": upstream_url}
     config["clients"][ANTHROPIC_KEY] = {
