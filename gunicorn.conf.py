@@ -3,10 +3,13 @@
 # Every value can be overridden from the environment (GATEWAY_*), or on the
 # command line, which wins over this file.
 
+import json
 import multiprocessing
 import os
 import subprocess
 import sys
+
+import gunicorn.util
 
 #
 # Server socket
@@ -70,6 +73,35 @@ accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-")
 errorlog = os.environ.get("GATEWAY_ERROR_LOG", "-")
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
+
+#
+# Errors gunicorn answers itself
+#
+#   A request line or header gunicorn cannot parse never reaches the app, and
+#   gunicorn answers it with an HTML page. Answer in the gateway's one JSON
+#   error shape instead, and leave out gunicorn's message: it can echo what the
+#   client sent.
+#
+
+_GUNICORN_CODES = {
+    400: "bad_request",
+    414: "uri_too_long",
+    431: "headers_too_large",
+    501: "not_implemented",
+}
+
+
+def _json_error(sock, status_int, reason, mesg):
+    code = _GUNICORN_CODES.get(status_int, f"http_{status_int}")
+    body = json.dumps({"error": code, "message": f"{reason}."}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+gunicorn.util.write_error = _json_error
 
 #
 # Server hooks
