@@ -1,0 +1,521 @@
+"""Run the whole benchmark on loopback and print (or write) the Markdown report.
+
+    .venv/bin/python -m bench [--runs 3] [--duration 8] [--write]
+
+Starts the fast upstream, the two floors, the gateway, the seed-design peer and nginx
+(if installed), all with the gateway's worker count; measures; stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+import requests
+
+from . import clients
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "ck-bench-client-key"
+SECRET = "Bearer bench-upstream-secret-placeholder"
+ENVELOPE = '{"method":"GET","path":"/models"}'
+MB = 1024 * 1024
+TARGETS = {
+    "throughput vs seed design": 4.0,
+    "throughput vs forwarding floor": 0.9,
+    "added p50 latency at 1 connection (ms)": 0.8,
+    "added p99 stream delay at 1000 streams (ms)": 20.0,
+    "RSS growth for a 100 MB body (MB)": 20.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+@dataclass
+class System:
+    name: str
+    url: str
+    post: bool  # POST the envelope (else GET)
+    process: subprocess.Popen | None = None
+    rps: list[float] = field(default_factory=list)
+    p50_32: list[float] = field(default_factory=list)
+    p99_32: list[float] = field(default_factory=list)
+    p50_1: list[float] = field(default_factory=list)
+    p99_1: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def rss(process: subprocess.Popen) -> int:
+    root = psutil.Process(process.pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(system: System, connections: int, seconds: float) -> dict:
+    command = [
+        "wrk",
+        "-t",
+        "2" if connections > 1 else "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{int(seconds)}s",
+        "--latency",
+        system.url,
+    ]
+    env = {**os.environ, "BENCH_BODY": ENVELOPE, "BENCH_KEY": KEY}
+    if system.post:
+        command += ["-s", str(ROOT / "bench" / "post.lua")]
+    else:
+        command += ["-H", f"Authorization: Bearer {KEY}"]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
+    if not {"50", "99"} <= set(latency):
+        raise RuntimeError(f"wrk gave no latency for {system.name}:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": _ms(latency["50"]),
+        "p99": _ms(latency["99"]),
+        "errors": (int(errors.group(1)) if errors else 0)
+        + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+        self.processes: list[subprocess.Popen] = []
+        self.ports = {
+            name: free_port()
+            for name in ("upstream", "framework", "forward", "gateway", "peer", "nginx")
+        }
+        self.upstream = f"http://127.0.0.1:{self.ports['upstream']}/v1"
+        self.env = {
+            **os.environ,
+            "BENCH_UPSTREAM": self.upstream,
+            "BENCH_SECRET": SECRET,
+            "BENCH_KEY": KEY,
+            "BENCH_UPSTREAM_KEY": "bench-upstream-secret-placeholder",
+            "GATEWAY_CONFIG": str(self.write_config()),
+            "GATEWAY_ENV_FILE": os.devnull,
+            "GATEWAY_ACCESS_LOG": os.devnull,
+            "GATEWAY_LOG_LEVEL": "warning",
+        }
+
+    def write_config(self) -> Path:
+        path = self.tmp / "config.yaml"
+        path.write_text(
+            f"targets:\n  bench: {{baseUrl: '{self.upstream}'}}\n"
+            "secrets:\n  bench: Bearer ${BENCH_UPSTREAM_KEY}\n"
+            f"clients:\n  {KEY}:\n    target: bench\n    authHeaderRef: bench\n"
+            "    allowedMethods: [GET, POST]\n"
+            "    allowedPaths: [/models, /chat/completions, /sse, /big]\n"
+            "    timeoutMs: 60000\n"
+        )
+        return path
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.processes.append(process)
+        wait_for(self.ports[name])
+        return process
+
+    def gunicorn(self, name: str, app: str) -> subprocess.Popen:
+        return self.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{self.ports[name]}",
+                app,
+            ],
+        )
+
+    def nginx(self) -> subprocess.Popen | None:
+        if not shutil.which("nginx"):
+            return None
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(f"""
+worker_processes {psutil.cpu_count()};
+pid {self.tmp}/nginx.pid;
+error_log {self.tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {self.tmp}/body;
+  proxy_temp_path {self.tmp}/proxy;
+  upstream up {{ server 127.0.0.1:{self.ports["upstream"]}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{self.ports["nginx"]};
+    location /proxy/ {{
+      proxy_pass http://up/v1/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "{SECRET}";
+      proxy_buffering off;
+    }}
+  }}
+}}
+""")
+        return self.start(
+            "nginx", ["nginx", "-p", str(self.tmp), "-c", str(conf), "-g", "daemon off;"]
+        )
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    # --- measurements ------------------------------------------------------------
+
+    def systems(self) -> list[System]:
+        p = self.ports
+        systems = [
+            System("upstream, direct", f"http://127.0.0.1:{p['upstream']}/v1/models", False),
+            System(
+                "framework floor (Flask no-op)", f"http://127.0.0.1:{p['framework']}/proxy", True
+            ),
+            System(
+                "forwarding floor (Flask + urllib3)", f"http://127.0.0.1:{p['forward']}/proxy", True
+            ),
+            System("gateway, envelope", f"http://127.0.0.1:{p['gateway']}/proxy", True),
+            System("gateway, transparent", f"http://127.0.0.1:{p['gateway']}/proxy/models", False),
+            System("seed design (FastAPI + httpx)", f"http://127.0.0.1:{p['peer']}/proxy", True),
+        ]
+        if "nginx" in self.started:
+            systems.append(
+                System("nginx proxy_pass", f"http://127.0.0.1:{p['nginx']}/proxy/models", False)
+            )
+        return systems
+
+    def throughput(self, systems: list[System]) -> None:
+        for system in systems:  # warm-up: pools, imports, JIT-free but cache-warm
+            wrk(system, 32, 2)
+        for run in range(self.args.runs):
+            for system in systems:
+                result = wrk(system, 32, self.args.duration)
+                system.rps.append(result["rps"])
+                system.p50_32.append(result["p50"])
+                system.p99_32.append(result["p99"])
+                system.errors += result["errors"]
+            for system in systems:
+                result = wrk(system, 1, self.args.duration)
+                system.p50_1.append(result["p50"])
+                system.p99_1.append(result["p99"])
+                system.errors += result["errors"]
+            print(f"  run {run + 1}/{self.args.runs} done", file=sys.stderr)
+
+    def peak_rss(self, process: subprocess.Popen, work) -> tuple[object, int, int]:
+        """Run ``work()`` while sampling the RSS of ``process`` and its children."""
+        baseline = rss(process)
+        peak = [baseline]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss(process))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            result = work()
+        finally:
+            done.set()
+            sampler.join()
+        return result, baseline, peak[0]
+
+    def streaming(self) -> list[dict]:
+        rows = []
+        gateway = self.started["gateway"]
+        auth = {"Authorization": f"Bearer {KEY}"}
+        for count in self.args.streams:
+            target = "/sse?events=20&interval=0.1"
+            direct = clients.streams(self.ports["upstream"], "/v1" + target, {}, count)
+            through, _, peak = self.peak_rss(
+                gateway,
+                lambda c=count, t=target: clients.streams(
+                    self.ports["gateway"], "/proxy" + t, auth, c
+                ),
+            )
+            delays = sorted(d * 1000 for stream in through for d in stream)
+            base = sorted(d * 1000 for stream in direct for d in stream)
+            rows.append(
+                {
+                    "streams": count,
+                    "delivered": len(delays),
+                    "expected": count * 20,
+                    "p50": _pct(delays, 50),
+                    "p99": _pct(delays, 99),
+                    "direct_p50": _pct(base, 50),
+                    "direct_p99": _pct(base, 99),
+                    "rss": peak / MB,
+                }
+            )
+        return rows
+
+    def large_body(self) -> dict:
+        size = self.args.big_mb * MB
+        direct = clients.big_body(self.ports["upstream"], f"/v1/big?bytes={size}", {})
+        through, baseline, peak = self.peak_rss(
+            self.started["gateway"],
+            lambda: clients.big_body(
+                self.ports["gateway"],
+                f"/proxy/big?bytes={size}",
+                {"Authorization": f"Bearer {KEY}"},
+            ),
+        )
+        return {
+            "size": size,
+            "bytes": through[0],
+            "mbps": through[0] / MB / through[1],
+            "direct_mbps": direct[0] / MB / direct[1],
+            "growth": (peak - baseline) / MB,
+        }
+
+    def run(self) -> str:
+        self.started = {}
+        try:
+            self.started["upstream"] = self.start(
+                "upstream", [sys.executable, "-m", "bench.upstream", str(self.ports["upstream"])]
+            )
+            self.started["framework"] = self.gunicorn("framework", "bench.floors:framework_app")
+            self.started["forward"] = self.gunicorn("forward", "bench.floors:forward_app")
+            self.started["gateway"] = self.gunicorn("gateway", "wsgi:app")
+            self.started["peer"] = self.start(
+                "peer",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "bench.peer:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.ports["peer"]),
+                    "--workers",
+                    str(psutil.cpu_count()),
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+            )
+            nginx = self.nginx()
+            if nginx is not None:
+                self.started["nginx"] = nginx
+            check = requests.post(
+                f"http://127.0.0.1:{self.ports['gateway']}/proxy",
+                data=ENVELOPE,
+                timeout=10,
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            )
+            check.raise_for_status()
+            systems = self.systems()
+            print("throughput and latency...", file=sys.stderr)
+            self.throughput(systems)
+            print("streams...", file=sys.stderr)
+            streams = self.streaming()
+            print("large body...", file=sys.stderr)
+            big = self.large_body()
+        finally:
+            self.stop()
+        return report(self.args, systems, streams, big)
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(len(values) * pct / 100))]
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def report(args, systems: list[System], streams: list[dict], big: dict) -> str:
+    by_name = {s.name: s for s in systems}
+    gateway = by_name["gateway, envelope"]
+    med = statistics.median
+    lines = [
+        "## Machine",
+        "",
+        f"- {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 1024**3:.0f} GiB RAM, "
+        f"{platform.platform()}",
+        f"- Python {platform.python_version()}; "
+        + ", ".join(
+            f"{p} {version(p)}"
+            for p in (
+                "flask",
+                "werkzeug",
+                "gunicorn",
+                "gevent",
+                "requests",
+                "urllib3",
+                "fastapi",
+                "uvicorn",
+                "httpx",
+            )
+        ),
+        f"- load: wrk, {args.runs} runs of {args.duration} s per figure, interleaved; medians",
+        "- every server on the same machine as wrk and the upstream (2 cores shared)",
+        "",
+        "## Throughput and latency",
+        "",
+        "| system | req/s at 32 conn | p50 / p99 ms at 32 | p50 / p99 ms at 1 | errors |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for s in systems:
+        lines.append(
+            f"| {s.name} | {med(s.rps):,.0f} | {med(s.p50_32):.2f} / {med(s.p99_32):.2f}"
+            f" | {med(s.p50_1):.2f} / {med(s.p99_1):.2f} | {s.errors} |"
+        )
+    floor = by_name["forwarding floor (Flask + urllib3)"]
+    peer = by_name["seed design (FastAPI + httpx)"]
+    transparent = by_name["gateway, transparent"]
+    direct = by_name["upstream, direct"]
+    vs_peer = _median_ratio(gateway.rps, peer.rps)
+    vs_floor = _median_ratio(gateway.rps, floor.rps)
+    added_p50 = med(a - b for a, b in zip(gateway.p50_1, direct.p50_1, strict=True))
+    added_p50_transparent = med(a - b for a, b in zip(transparent.p50_1, direct.p50_1, strict=True))
+    lines += [
+        "",
+        "Ratios, run by run (median of the per-run ratios):",
+        "",
+        f"- gateway envelope / seed design: **{vs_peer:.2f}x**",
+        f"- gateway envelope / forwarding floor: **{vs_floor:.2f}x**",
+        f"- gateway transparent / forwarding floor: "
+        f"{_median_ratio(transparent.rps, floor.rps):.2f}x",
+        f"- forwarding floor / framework floor: "
+        f"{_median_ratio(floor.rps, by_name['framework floor (Flask no-op)'].rps):.2f}x",
+        f"- added p50 latency at 1 connection over the direct upstream: envelope "
+        f"**{added_p50:.2f} ms**, transparent {added_p50_transparent:.2f} ms",
+        "",
+        "## Streams (20 events 100 ms apart each, through the gateway)",
+        "",
+        "| streams | events delivered | delay p50 / p99 ms | direct p50 / p99 ms "
+        "| gateway RSS peak |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in streams:
+        lines.append(
+            f"| {row['streams']} | {row['delivered']} / {row['expected']} | "
+            f"{row['p50']:.1f} / {row['p99']:.1f} | {row['direct_p50']:.1f} / "
+            f"{row['direct_p99']:.1f} | {row['rss']:.0f} MB |"
+        )
+    top = streams[-1]
+    added_stream_p99 = top["p99"] - top["direct_p99"]
+    lines += [
+        "",
+        "## Large body",
+        "",
+        f"- {big['size'] // MB} MB through the gateway: {big['bytes'] // MB} MB received, "
+        f"**{big['mbps']:.0f} MB/s** (direct: {big['direct_mbps']:.0f} MB/s), "
+        f"gateway RSS growth **{big['growth']:.1f} MB**",
+        "",
+        "## Against the targets",
+        "",
+        "| target | goal | measured | ratio to goal | met |",
+        "| --- | ---: | ---: | ---: | :---: |",
+    ]
+    measured = {
+        "throughput vs seed design": (vs_peer, True),
+        "throughput vs forwarding floor": (vs_floor, True),
+        "added p50 latency at 1 connection (ms)": (added_p50, False),
+        f"added p99 stream delay at {top['streams']} streams (ms)": (added_stream_p99, False),
+        "RSS growth for a 100 MB body (MB)": (big["growth"], False),
+    }
+    goals = list(TARGETS.values())
+    for (name, (value, higher)), goal in zip(measured.items(), goals, strict=True):
+        met = value >= goal if higher else value <= goal
+        if name.startswith("added p99 stream"):
+            met = met and top["delivered"] == top["expected"]
+        lines.append(
+            f"| {name} | {'>=' if higher else '<='} {goal:g} | {value:.2f} | "
+            f"{value / goal:.2f} | {'yes' if met else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=8)
+    parser.add_argument(
+        "--streams", type=lambda s: [int(x) for x in s.split(",")], default=[100, 500, 1000]
+    )
+    parser.add_argument("--big-mb", type=int, default=100)
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install wrk (and nginx for the ceiling)")
+    table = Bench(args).run()
+    print(table)
+    if args.write:
+        path = ROOT / "BENCHMARKS.md"
+        notes = ""
+        if path.exists() and "<!-- notes -->" in path.read_text():
+            notes = path.read_text().split("<!-- notes -->", 1)[1]
+        command = "python -m bench " + " ".join(sys.argv[1:])
+        path.write_text(
+            f"# Benchmarks\n\nCommand: `{command}` (from the project root, "
+            f"{time.strftime('%Y-%m-%d')}).\n\n{table}\n<!-- notes -->{notes}"
+        )
+
+
+if __name__ == "__main__":
+    main()
