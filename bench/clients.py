@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 
@@ -72,3 +73,21 @@ def big_body(port: int, target: str, headers: dict[str, str]) -> tuple[int, floa
         return received, time.perf_counter() - started
 
     return asyncio.run(run())
+
+
+def main() -> None:
+    """``python -m bench.clients streams PORT TARGET COUNT KEY`` or ``big PORT TARGET KEY``.
+
+    Runs in its own process, so the parent's memory sampling cannot slow the client.
+    """
+    mode, port, target, *rest = sys.argv[1:]
+    headers = {"Authorization": f"Bearer {rest[-1]}"} if rest[-1] != "-" else {}
+    if mode == "streams":
+        result = streams(int(port), target, headers, int(rest[0]))
+    else:
+        result = big_body(int(port), target, headers)
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
