@@ -39,11 +39,8 @@ def _summary(path: str, config: GatewayConfig) -> list[str]:
 def check_config(path: str | None) -> None:
     """Validate the gateway config and print a summary, or every problem found."""
     path = path or current_app.config["GATEWAY_CONFIG"]
-    env = current_app.config.get("GATEWAY_ENVIRON")
-    if env is None:
-        env = environment(current_app.config["GATEWAY_ENV_FILE"])
     try:
-        config = load_config(path, env)
+        config = load_config(path, environment(current_app))
     except ConfigError as exc:
         click.echo(f"The config has {len(exc.problems)} problem(s):", err=True)
         for problem in exc.problems:

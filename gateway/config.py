@@ -381,8 +381,14 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> Gateway
 # --- wiring --------------------------------------------------------------------
 
 
-def environment(env_file: str | os.PathLike[str] | None) -> dict[str, str]:
-    """Return the variables secrets resolve from: ``.env`` first, the real environment wins."""
+def environment(app: Flask) -> Mapping[str, str]:
+    """Return the variables secrets resolve from: ``.env`` first, the real environment wins.
+
+    Tests pass ``GATEWAY_ENVIRON`` instead.
+    """
+    if app.config.get("GATEWAY_ENVIRON") is not None:
+        return app.config["GATEWAY_ENVIRON"]
+    env_file = app.config["GATEWAY_ENV_FILE"]
     values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file else {}
     return {**values, **os.environ}
 
@@ -393,11 +399,8 @@ def init_app(app: Flask) -> None:
     Under the ``flask`` CLI a broken config does not stop the app from loading,
     so that ``flask check-config`` can report it; everywhere else it raises.
     """
-    env = app.config.get("GATEWAY_ENVIRON")
-    if env is None:
-        env = environment(app.config["GATEWAY_ENV_FILE"])
     try:
-        config = load_config(app.config["GATEWAY_CONFIG"], env)
+        config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
     except ConfigError:
         if click.get_current_context(silent=True) is None:
             raise

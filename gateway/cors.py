@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
+from .headers import is_token
 from .policy import METHODS
 
 __all__ = ["preflight_headers", "response_headers"]
 
 # Named explicitly: a "*" in Allow-Headers never covers Authorization.
 _ALWAYS_ALLOWED = ("Authorization", "Content-Type", "x-api-key")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Response headers a page can read without being told (the CORS safelist).
 _SAFELISTED = frozenset(
     {
@@ -30,10 +29,12 @@ MAX_AGE = 600
 def preflight_headers(origin: str, requested_headers: str | None) -> dict[str, str]:
     """Return the headers of a 204 answer to a preflight from an allowed ``origin``."""
     names = list(_ALWAYS_ALLOWED)
+    seen = {name.lower() for name in names}
     for name in (requested_headers or "").split(","):
         name = name.strip()
-        if _TOKEN.fullmatch(name) and name.lower() not in {n.lower() for n in names}:
+        if is_token(name) and name.lower() not in seen:
             names.append(name)
+            seen.add(name.lower())
     return {
         "Access-Control-Allow-Origin": origin,
         "Access-Control-Allow-Methods": ", ".join(METHODS),

@@ -11,6 +11,7 @@ from .policy import PolicyError
 
 __all__ = [
     "check_header",
+    "is_token",
     "client_headers",
     "connection_names",
     "response_headers",
@@ -57,9 +58,14 @@ _RESPONSE_BLOCKED = frozenset(
 )
 
 
+def is_token(name: str) -> bool:
+    """Return whether ``name`` is a valid header name (an RFC 9110 token)."""
+    return _TOKEN.fullmatch(name) is not None
+
+
 def check_header(name: str, value: str) -> None:
     """Raise ``PolicyError("invalid_header")`` if ``name: value`` could split a request."""
-    if not _TOKEN.fullmatch(name):
+    if not is_token(name):
         raise PolicyError(
             "invalid_header", "A header name holds a character not allowed in header names."
         )
@@ -88,13 +94,13 @@ def _blocked_from_client(lower: str, extra: frozenset[str]) -> bool:
 
 
 def client_headers(
-    headers: Iterable[tuple[str, str]], also_blocked: frozenset[str] = frozenset()
+    headers: Iterable[tuple[str, str]],
 ) -> list[tuple[str, str]]:
     """Return the client's headers that may go upstream; raise on an injection attempt."""
     headers = list(headers)
     for name, value in headers:
         check_header(name, value)
-    extra = connection_names(headers) | also_blocked
+    extra = connection_names(headers)
     return [(k, v) for k, v in headers if not _blocked_from_client(k.lower(), extra)]
 
 
@@ -125,7 +131,7 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
             or k.lower() in hop
             or is_hop_by_hop_header(k)
             or k.lower().startswith("access-control-")
-            or not _TOKEN.fullmatch(k)
+            or not is_token(k)
             or not _SAFE_VALUE.fullmatch(v)
         )
     ]

@@ -9,7 +9,6 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 
 import requests
 import urllib3
@@ -47,13 +46,10 @@ class UpstreamBroke(ConnectionResetError):
 
 
 def _new_session(pool_size: int) -> requests.Session:
+    # Calls go through the Session's adapter (see Upstream.send), which by
+    # construction reads no environment (proxies, netrc), follows no redirect and
+    # keeps no cookie: the Session is the holder of the per-worker pool.
     session = requests.Session()
-    # Calls go through the adapter (see Upstream.send), which never reads the
-    # environment, follows a redirect or keeps a cookie; these settings say so
-    # for anything that ever uses the Session itself.
-    session.trust_env = False
-    session.headers.clear()
-    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -61,8 +61,11 @@ def gateway(fake_upstream, tmp_path_factory, page_origin):
 
     folder = tmp_path_factory.mktemp("gateway")
     config = live_config(fake_upstream.url, f"http://127.0.0.1:{free_port()}", page_origin)
+    # Proxy variables point at a closed port: a gateway that read them would fail every call.
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    env = {**CANARIES, "HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy, "ALL_PROXY": dead_proxy}
     live = LiveGateway(
-        write_config(folder / "config.yaml", config), CANARIES, folder / "gunicorn.log"
+        write_config(folder / "config.yaml", config), env, folder / "gunicorn.log"
     ).start()
     yield live
     live.stop()

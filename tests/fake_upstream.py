@@ -148,7 +148,7 @@ class Handler(BaseHTTPRequestHandler):
         self.start_chunked("text/event-stream")
         for i in range(events):
             self.chunk(f"data: {i}\n\n".encode())
-            if not self.server.release.acquire(timeout=10):
+            if not self._step(lockstep=True):
                 return  # the event never reached the test: stop without a clean end
         self.end_chunked()
 

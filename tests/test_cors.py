@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import responses
 
-from .support import CHAT_KEY, READONLY_KEY, UPSTREAM
+from .support import CHAT_KEY, RAPID_KEY, READONLY_KEY, UPSTREAM
 
 APP_ORIGIN = "https://app.example.com"
 AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
@@ -14,6 +14,7 @@ AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 @pytest.fixture
 def config_dict(config_dict):
     config_dict["clients"][CHAT_KEY]["allowedOrigins"] = [APP_ORIGIN]
+    config_dict["clients"][RAPID_KEY]["allowedOrigins"] = [APP_ORIGIN]
     return config_dict
 
 
@@ -118,8 +119,12 @@ def test_calls_without_origin_are_unaffected(client, upstream):
 
 
 def test_plain_options_call_is_forwarded_not_treated_as_preflight(client, upstream):
-    upstream.add(responses.OPTIONS, f"{UPSTREAM}/models", status=204)
-    response = client.options("/proxy/models", headers={"Authorization": f"Bearer {READONLY_KEY}"})
-    assert response.status_code == 403  # OPTIONS is outside this client's methods
-    assert response.get_json()["error"] == "method_not_allowed"
-    upstream.reset()
+    # An Origin but no Access-Control-Request-Method: an ordinary OPTIONS call, forwarded.
+    upstream.add(responses.OPTIONS, f"{UPSTREAM}/anything", status=200, headers={"Allow": "GET"})
+    response = client.options(
+        "/proxy/anything", headers={"Authorization": f"Bearer {RAPID_KEY}", "Origin": APP_ORIGIN}
+    )
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    assert response.headers["Allow"] == "GET"
+    assert upstream.calls[0].request.headers["X-RapidAPI-Key"]

@@ -342,3 +342,16 @@ def test_transparent_policy(client, upstream):
     assert_error(client.delete("/proxy/models", headers=AUTH), 403, "method_not_allowed")
     assert_error(client.get("/proxy/admin", headers=AUTH), 403, "path_not_allowed")
     assert len(upstream.calls) == 0
+
+
+def test_upstream_cookies_are_never_sent_on_a_later_call(client, upstream):
+    upstream.add(
+        responses.GET,
+        f"{UPSTREAM}/models",
+        json={},
+        headers={"Set-Cookie": "session=one-clients-cookie; Path=/"},
+    )
+    upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
+    envelope(client, {"path": "/models"})
+    envelope(client, {"path": "/models"}, headers={"Authorization": f"Bearer {READONLY_KEY}"})
+    assert "Cookie" not in upstream.calls[1].request.headers
