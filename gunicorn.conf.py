@@ -81,6 +81,9 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
 #   gunicorn answers it with an HTML page. Answer in the gateway's one JSON
 #   error shape instead, and leave out gunicorn's message: it can echo what the
 #   client sent.
+#   The codes are a copy of gateway/errors.py's CODES (this file cannot import
+#   the gateway: the master must not import ssl before gevent patches the
+#   workers); tests/test_errors.py proves the two agree.
 #
 
 _GUNICORN_CODES = {
@@ -92,7 +95,7 @@ _GUNICORN_CODES = {
 
 
 def _json_error(sock, status_int, reason, mesg):
-    code = _GUNICORN_CODES.get(status_int, f"http_{status_int}")
+    code = _GUNICORN_CODES.get(status_int, "bad_request" if status_int < 500 else "internal_error")
     body = json.dumps({"error": code, "message": f"{reason}."}).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"

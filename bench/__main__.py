@@ -314,6 +314,8 @@ http {{
         for count in self.args.streams:
             runs = [self.stream_run(count) for _ in range(self.args.runs)]
             row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            # Counts stay whole numbers: a median of an even number of runs averages two.
+            row["streams"], row["expected"] = count, runs[0]["expected"]
             row["delivered"] = min(run["delivered"] for run in runs)  # all, every time
             rows.append(row)
         return rows

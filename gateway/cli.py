@@ -37,14 +37,17 @@ def _summary(path: str, config: GatewayConfig) -> list[str]:
 )
 @with_appcontext
 def check_config(path: str | None) -> None:
-    """Validate the gateway config and print a summary, or every problem found."""
+    """Validate the gateway config and print a summary, or every problem found.
+
+    It reads the file itself: the app's own config is not needed, only where
+    secrets come from. (If the app's config is broken, the flask command cannot
+    build the app, and says the same problems before this runs.)
+    """
     path = path or current_app.config["GATEWAY_CONFIG"]
     try:
         config = load_config(path, environment(current_app))
     except ConfigError as exc:
-        click.echo(f"The config has {len(exc.problems)} problem(s):", err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+        click.echo(exc.format_message(), err=True)
         raise SystemExit(1) from None
     click.echo("\n".join(_summary(path, config)))
 

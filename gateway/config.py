@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -15,9 +14,9 @@ import click
 import yaml
 from dotenv import dotenv_values
 from flask import Flask
-from marshmallow import EXCLUDE, Schema, fields, validate
 from werkzeug.http import is_hop_by_hop_header
 
+from .config_schema import checked_part
 from .headers import check_header
 from .policy import METHODS, Client, PathPattern, PolicyError, Target, key_digest, parse_origin
 
@@ -27,11 +26,16 @@ DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class ConfigError(Exception):
-    """The config cannot be used; ``problems`` lists every reason with its location."""
+class ConfigError(click.ClickException):
+    """The config cannot be used; ``problems`` lists every reason with its location.
+
+    A ClickException, so that any ``flask`` command whose app cannot be built
+    prints the problem list and exits 1 instead of showing a traceback.
+    """
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
+        lines = [f"The config has {len(problems)} problem(s):", *(f"  {p}" for p in problems)]
+        super().__init__("\n".join(lines))
         self.problems = problems
 
 
@@ -52,108 +56,6 @@ class GatewayConfig:
     def any_client_allows(self, origin: str) -> bool:
         """Return whether some client lets a page on ``origin`` call (for preflights)."""
         return any(client.allows_origin(origin) for client in self.clients.values())
-
-
-# --- schemas -----------------------------------------------------------------
-
-_REQUIRED = {"required": "is required"}
-
-
-class _Strict(Schema):
-    class Meta:
-        ordered = True
-
-
-def _non_empty(hint: str) -> validate.Length:
-    return validate.Length(min=1, error=f"must not be empty; {hint}")
-
-
-class TargetSchema(_Strict):
-    baseUrl = fields.String(required=True, error_messages=_REQUIRED)
-    defaultHeaders = fields.Dict(keys=fields.String(), values=fields.String())
-
-
-class ClientSchema(_Strict):
-    target = fields.String(required=True, error_messages=_REQUIRED)
-    authHeaderRef = fields.String()
-    rapidApiKeyRef = fields.String()
-    secretHeaders = fields.Dict(keys=fields.String(), values=fields.String())
-    allowedMethods = fields.List(
-        fields.String(),
-        required=True,
-        error_messages=_REQUIRED,
-        validate=_non_empty('write ["*"] to allow every method'),
-    )
-    allowedPaths = fields.List(
-        fields.String(),
-        required=True,
-        error_messages=_REQUIRED,
-        validate=_non_empty('write ["/**"] to allow every path'),
-    )
-    allowedOrigins = fields.List(fields.String())
-    timeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 3_600_000))
-    connectTimeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 600_000))
-
-
-class ConfigSchema(_Strict):
-    targets = fields.Dict(
-        keys=fields.String(),
-        values=fields.Nested(TargetSchema),
-        required=True,
-        error_messages=_REQUIRED,
-    )
-    secrets = fields.Dict(keys=fields.String(), values=fields.String())
-    clients = fields.Dict(
-        keys=fields.String(),
-        values=fields.Nested(ClientSchema),
-        required=True,
-        error_messages=_REQUIRED,
-    )
-    maxRequestBytes = fields.Integer(strict=True, validate=validate.Range(1024, 2**40))
-    bodyTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
-
-
-def _schema_at(path: list[str | int]) -> type[Schema] | None:
-    """Return the schema that holds the mapping at ``path`` (for did-you-mean hints)."""
-    names = [p for p in path if isinstance(p, str)]
-    if len(names) == 0:
-        return ConfigSchema
-    if len(names) == 2 and names[0] == "targets":
-        return TargetSchema
-    if len(names) == 2 and names[0] == "clients":
-        return ClientSchema
-    return None
-
-
-def _location(path: list[str | int]) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or "(top level)"
-
-
-def _flatten(errors: Any, path: list[str | int], out: list[str]) -> None:
-    """Turn marshmallow's nested error dict into ``location: message`` lines."""
-    if isinstance(errors, dict):
-        for key, value in errors.items():
-            if key in ("value", "key"):
-                # Dict fields nest errors as {k: {"value": ...}}; "key" means the key itself.
-                _flatten(value, path, out)
-            else:
-                _flatten(value, [*path, key], out)
-        return
-    for message in errors if isinstance(errors, list) else [errors]:
-        if message == "Unknown field.":
-            schema = _schema_at(path[:-1])
-            hint = ""
-            if schema is not None:
-                close = difflib.get_close_matches(str(path[-1]), schema._declared_fields, n=1)
-                if close:
-                    hint = f"; did you mean {close[0]}?"
-            out.append(f"{_location(path)}: unknown field{hint}")
-        else:
-            text = str(message).rstrip(".")
-            out.append(f"{_location(path)}: {text[:1].lower()}{text[1:]}")
 
 
 # --- cross-checks the schemas cannot express ----------------------------------
@@ -183,7 +85,7 @@ def _check_headers(where: str, headers: Mapping[str, str], problems: list[str]) 
         try:
             check_header(name, value)
         except PolicyError as exc:
-            problems.append(f"{where}.{name}: {exc.message[0].lower()}{exc.message[1:]}")
+            problems.append(f"{where}.{name}: {exc.reason}")
 
 
 def _check_base_url(where: str, url: str, problems: list[str]) -> None:
@@ -196,19 +98,20 @@ def _check_base_url(where: str, url: str, problems: list[str]) -> None:
 
 def _build_client(
     key: str,
+    label: str,
     spec: dict[str, Any],
-    index: int,
-    targets: Mapping[str, Target],
+    targets: Mapping[str, Target] | None,
     secrets: Mapping[str, str | None],
     problems: list[str],
 ) -> Client | None:
-    where = f"clients.{key}"
+    where = f"clients.{label}"
     before = len(problems)
     if not key or not re.fullmatch(r"[\x21-\x7e]+", key):
         problems.append(f"{where}: a client key must be printable ASCII with no spaces")
     complete = all(name in spec for name in ("target", "allowedMethods", "allowedPaths"))
-    target = targets.get(spec.get("target"))
-    if "target" in spec and target is None:
+    # None when the targets section itself is broken: that problem is reported already.
+    target = None if targets is None else targets.get(spec.get("target"))
+    if "target" in spec and target is None and targets is not None:
         known = ", ".join(sorted(targets)) or "none"
         problems.append(
             f"{where}.target: unknown target {spec['target']!r}; known targets: {known}"
@@ -257,7 +160,7 @@ def _build_client(
     if len(problems) > before or target is None or not complete:
         return None
     return Client(
-        label=f"client#{index + 1}",
+        label=label,
         target=target,
         secret_headers=tuple(secret_headers),
         methods=frozenset(methods),
@@ -273,30 +176,41 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping with targets, secrets and clients"])
     problems: list[str] = []
-    errors = ConfigSchema().validate(raw)
-    _flatten(errors, [], problems)
+    clients_raw = raw.get("clients")
+    labels = (
+        {key: f"client#{i + 1}" for i, key in enumerate(clients_raw)}
+        if isinstance(clients_raw, dict)
+        else {}
+    )
+
+    def name_of(section: str, key: Any) -> str:
+        return labels[key] if section == "clients" else str(key)
+
     # Keep checking what the schema accepted, so every problem is reported at once.
-    data = ConfigSchema(unknown=EXCLUDE).load(_valid_part(raw, errors), partial=True)
+    data = checked_part(raw, name_of, problems)
 
     targets: dict[str, Target] = {}
     for name, spec in data.get("targets", {}).items():
-        _check_base_url(f"targets.{name}.baseUrl", spec["baseUrl"], problems)
+        where = f"targets.{name}"
+        if "baseUrl" in spec:
+            _check_base_url(f"{where}.baseUrl", spec["baseUrl"], problems)
         defaults = spec.get("defaultHeaders", {})
-        _check_headers(f"targets.{name}.defaultHeaders", defaults, problems)
+        _check_headers(f"{where}.defaultHeaders", defaults, problems)
         for header in defaults:
             if header.lower() in ("host", "content-length") or is_hop_by_hop_header(header):
                 problems.append(
-                    f"targets.{name}.defaultHeaders.{header}: the gateway sets this header itself"
+                    f"{where}.defaultHeaders.{header}: the gateway sets this header itself"
                 )
-        targets[name] = Target(name, spec["baseUrl"].rstrip("/"), tuple(defaults.items()))
+        targets[name] = Target(name, spec.get("baseUrl", "").rstrip("/"), tuple(defaults.items()))
 
     secrets = {
         name: _resolve(name, raw_value, env, problems)
         for name, raw_value in data.get("secrets", {}).items()
     }
     clients: dict[bytes, Client] = {}
-    for index, (key, spec) in enumerate(data.get("clients", {}).items()):
-        client = _build_client(key, spec, index, targets, secrets, problems)
+    for key, spec in data.get("clients", {}).items():
+        known_targets = targets if "targets" in data else None
+        client = _build_client(key, labels[key], spec, known_targets, secrets, problems)
         if client is not None:
             clients[key_digest(key)] = client
     if problems:
@@ -310,26 +224,6 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
     )
 
 
-def _valid_part(raw: dict[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
-    """Return ``raw`` less what the schema rejected, keeping the valid fields of an entry."""
-    result = {}
-    for section, value in raw.items():
-        if section not in errors:
-            result[section] = value
-        elif section in ("targets", "clients", "secrets") and isinstance(value, dict):
-            section_errors = errors[section] if isinstance(errors[section], dict) else {}
-            result[section] = {}
-            for name, entry in value.items():
-                entry_errors = section_errors.get(name)
-                if entry_errors is None:
-                    result[section][name] = entry
-                    continue
-                bad = entry_errors.get("value") if isinstance(entry_errors, dict) else None
-                if "key" not in entry_errors and isinstance(bad, dict) and isinstance(entry, dict):
-                    result[section][name] = {k: v for k, v in entry.items() if k not in bad}
-    return result
-
-
 # --- reading the file ----------------------------------------------------------
 
 
@@ -340,10 +234,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
     seen = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            continue  # unhashable: construct_mapping below refuses it with its mark
+        if duplicate:
+            # Not the key itself: under clients it is a client key.
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key written twice in the same mapping", key_node.start_mark
+            )
         seen.add(key)
     return loader.construct_mapping(node)
 
@@ -368,14 +268,33 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> Gateway
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or "is not valid YAML"
-        raise ConfigError([f"{where}: {problem}"]) from None
+        raise ConfigError([_yaml_problem(path, exc)]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
     try:
         return parse_config(raw, env)
     except ConfigError as exc:
         raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """Say where the YAML broke, and what PyYAML was reading when it did."""
+
+    def at(mark: yaml.Mark | None) -> str:
+        return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+
+    problem = getattr(exc, "problem", None) or "is not valid YAML"
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    text = f"{at(getattr(exc, 'problem_mark', None))}: {problem}"
+    if context:
+        text += f" ({context}"
+        if context_mark is not None:
+            text += f" at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        text += ")"
+    return text
 
 
 # --- wiring --------------------------------------------------------------------
@@ -394,17 +313,11 @@ def environment(app: Flask) -> Mapping[str, str]:
 
 
 def init_app(app: Flask) -> None:
-    """Load the YAML named by ``GATEWAY_CONFIG`` into ``app.config["GATEWAY"]``.
+    """Load the config named by ``GATEWAY_CONFIG`` into ``app.extensions``.
 
-    Under the ``flask`` CLI a broken config does not stop the app from loading,
-    so that ``flask check-config`` can report it; everywhere else it raises.
+    A broken config raises ConfigError: whatever loads the app (gunicorn, flask
+    run, Passenger) fails with the problem list rather than serve a part of it.
     """
-    try:
-        config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
-    except ConfigError:
-        if click.get_current_context(silent=True) is None:
-            raise
-        app.config["GATEWAY"] = None
-        return
-    app.config["GATEWAY"] = config
+    config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
+    app.extensions["gateway.config"] = config
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes

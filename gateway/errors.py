@@ -1,36 +1,73 @@
-"""The one error type and the one JSON error shape."""
+"""The one error type, the one JSON error shape, and the one table of error codes."""
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-__all__ = ["GatewayError", "error_body", "init_app"]
+__all__ = ["CODES", "GatewayError", "error_body", "init_app", "markdown_table"]
 
-log = logging.getLogger("gateway")
+log = logging.getLogger(__name__)
 
-# Stable codes for errors raised by Flask/werkzeug itself (routing, body size).
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "route_method_not_allowed",
-    413: "request_too_large",
-    414: "uri_too_long",
-    415: "unsupported_media_type",
-    431: "headers_too_large",
+
+class Code(NamedTuple):
+    status: int
+    meaning: str
+
+
+# Every error code the gateway (and gunicorn, answering for it) can send: the
+# contract clients code against. Raise sites, the OpenAPI document, the README's
+# error list and gunicorn.conf.py's copy all come from (or are tested against) it.
+CODES: dict[str, Code] = {
+    "bad_request": Code(400, "a request gunicorn or werkzeug cannot parse"),
+    "invalid_json": Code(400, "body is not a JSON object, or Content-Type is not JSON"),
+    "invalid_envelope": Code(
+        400, "unknown field or wrong type in the envelope (`fields` says which)"
+    ),
+    "invalid_path": Code(400, "path not a plain absolute path"),
+    "invalid_header": Code(400, "a header name or value holds CR, LF or NUL"),
+    "missing_client_key": Code(401, "no `Authorization: Bearer` (or `x-api-key`)"),
+    "invalid_client_key": Code(401, "the key is not in the config"),
+    "method_not_allowed": Code(403, "method outside `allowedMethods`"),
+    "path_not_allowed": Code(403, "path outside `allowedPaths`"),
+    "origin_not_allowed": Code(403, "browser `Origin` outside `allowedOrigins`"),
+    "not_found": Code(404, "no such gateway route"),
+    "route_method_not_allowed": Code(405, "e.g. `GET /proxy`"),
+    "request_timeout": Code(408, "the request body did not arrive within `bodyTimeoutMs`"),
+    "request_too_large": Code(413, "body over `maxRequestBytes`; nothing forwarded"),
+    "uri_too_long": Code(414, "request line too long (answered by gunicorn)"),
+    "headers_too_large": Code(431, "too many or too large request headers"),
+    "internal_error": Code(500, "a gateway bug; the log says where, never with request data"),
+    "not_implemented": Code(501, "a transfer coding gunicorn does not support"),
+    "upstream_unreachable": Code(502, "could not connect to the upstream"),
+    "upstream_error": Code(502, "the upstream closed the connection or sent a broken response"),
+    "upstream_timeout": Code(504, "connect or read timeout before the response started"),
+}
+
+# The codes for errors werkzeug raises itself (routing, body size); any other
+# client error is a plain bad_request, any other server error an internal_error.
+_WERKZEUG_CODES = {
+    CODES[code].status: code
+    for code in (
+        "bad_request",
+        "not_found",
+        "route_method_not_allowed",
+        "request_too_large",
+        "uri_too_long",
+        "headers_too_large",
+    )
 }
 
 
 class GatewayError(Exception):
-    """A refusal the client should see, with a stable code and a human message."""
+    """A refusal the client should see: a code from ``CODES`` and a human message."""
 
     def __init__(
         self,
-        status: int,
         code: str,
         message: str,
         *,
@@ -38,7 +75,7 @@ class GatewayError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(code)
-        self.status = status
+        self.status = CODES[code].status
         self.code = code
         self.message = message
         self.fields = fields
@@ -53,6 +90,14 @@ def error_body(code: str, message: str, fields: dict[str, Any] | None = None) ->
     return body
 
 
+def markdown_table() -> str:
+    """Return the README's error table, one row per code, ordered by status."""
+    rows = ["| status | `error` | when |", "| --- | --- | --- |"]
+    for code, (status, meaning) in sorted(CODES.items(), key=lambda item: item[1].status):
+        rows.append(f"| {status} | `{code}` | {meaning} |")
+    return "\n".join(rows)
+
+
 def _gateway_error(exc: GatewayError):
     response = jsonify(error_body(exc.code, exc.message, exc.fields))
     response.status_code = exc.status
@@ -62,13 +107,13 @@ def _gateway_error(exc: GatewayError):
 
 def _http_error(exc: HTTPException):
     status = exc.code or 500
-    code = _HTTP_CODES.get(status, f"http_{status}")
-    if status == 413:
+    code = _WERKZEUG_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+    if code == "request_too_large":
         message = "The request body is larger than this gateway accepts."
     else:
         message = exc.description or exc.name
     response = jsonify(error_body(code, message))
-    response.status_code = status
+    response.status_code = CODES[code].status
     # Keep Allow on a 405: clients use it to see what the route accepts.
     response.headers.extend([(k, v) for k, v in exc.get_headers() if k == "Allow"])
     return response
@@ -80,15 +125,20 @@ def _unexpected_error(exc: Exception):
     where = f"{frame.filename}:{frame.lineno}" if frame else "unknown"
     log.error("internal error (%s) at %s", type(exc).__name__, where)
     response = jsonify(error_body("internal_error", "The gateway failed to handle this request."))
-    response.status_code = 500
+    response.status_code = CODES["internal_error"].status
     return response
 
 
 def init_app(app: Flask) -> None:
-    """Register the JSON error handlers on ``app``; give the gateway's log a handler."""
-    # Flask's logger is named after the app ("gateway", the name every module logs
-    # under): touching it attaches Flask's stderr handler with time and level.
-    app.logger.setLevel(logging.INFO)
+    """Register the JSON error handlers on ``app``; give the gateway's loggers a handler."""
+    logger = logging.getLogger(__package__)
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s] %(levelname)s in %(name)s: %(message)s")
+        )
+        logger.addHandler(handler)
     app.register_error_handler(GatewayError, _gateway_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)

@@ -66,13 +66,9 @@ def is_token(name: str) -> bool:
 def check_header(name: str, value: str) -> None:
     """Raise ``PolicyError("invalid_header")`` if ``name: value`` could split a request."""
     if not is_token(name):
-        raise PolicyError(
-            "invalid_header", "A header name holds a character not allowed in header names."
-        )
+        raise PolicyError("invalid_header", "holds a character not allowed in header names")
     if _BAD_VALUE.search(value):
-        raise PolicyError(
-            "invalid_header", f"The value of header {name} holds a line break or NUL."
-        )
+        raise PolicyError("invalid_header", "value holds a line break or NUL", subject=name)
 
 
 def connection_names(headers: Iterable[tuple[str, str]]) -> frozenset[str]:

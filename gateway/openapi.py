@@ -5,31 +5,20 @@ Swagger UI's files come from the swagger-ui-bundle package: no CDN, works offlin
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
 from .envelope import EnvelopeSchema, ErrorSchema, HealthSchema
+from .errors import CODES
 from .policy import METHODS
 
 __all__ = ["build_spec", "init_app"]
 
 bp = Blueprint("docs", __name__)
-
-# Which gateway error codes each status can carry: the contract clients code against.
-ERRORS = {
-    400: ("Bad request", ["invalid_json", "invalid_envelope", "invalid_path", "invalid_header"]),
-    401: ("No or unknown client key", ["missing_client_key", "invalid_client_key"]),
-    403: (
-        "Outside the client's policy",
-        ["method_not_allowed", "path_not_allowed", "origin_not_allowed"],
-    ),
-    408: ("Request body too slow", ["request_timeout"]),
-    413: ("Request body over maxRequestBytes", ["request_too_large"]),
-    502: ("Upstream unreachable or broken", ["upstream_unreachable", "upstream_error"]),
-    504: ("Upstream timed out before answering", ["upstream_timeout"]),
-}
 
 _UPSTREAM_ANSWER = {
     "description": "The upstream's answer, passed through (status, headers and body, "
@@ -55,15 +44,18 @@ _DOCS_PAGE = """<!doctype html>
 """
 
 
-def _error_responses(statuses: list[int]) -> dict:
-    responses = {}
-    for status in statuses:
-        summary, codes = ERRORS[status]
-        responses[str(status)] = {
-            "description": f"{summary}. `error` is one of: {', '.join(codes)}.",
+def _error_responses() -> dict:
+    """Return one response per error status, listing the codes it carries (from CODES)."""
+    by_status: dict[int, list[str]] = {}
+    for code, (status, _) in CODES.items():
+        by_status.setdefault(status, []).append(code)
+    return {
+        str(status): {
+            "description": f"{HTTPStatus(status).phrase}. `error` is one of: {', '.join(codes)}.",
             "content": {"application/json": {"schema": "Error"}},
         }
-    return responses
+        for status, codes in sorted(by_status.items())
+    }
 
 
 def build_spec() -> dict:
@@ -105,7 +97,7 @@ def build_spec() -> dict:
                 },
                 "responses": {
                     "default": _UPSTREAM_ANSWER,
-                    **_error_responses([400, 401, 403, 408, 413, 502, 504]),
+                    **_error_responses(),
                 },
             }
         },
@@ -124,7 +116,7 @@ def build_spec() -> dict:
         ],
         "responses": {
             "default": _UPSTREAM_ANSWER,
-            **_error_responses([400, 401, 403, 408, 413, 502, 504]),
+            **_error_responses(),
         },
     }
     operations = {}

@@ -36,12 +36,18 @@ _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:%/]*")
 
 
 class PolicyError(Exception):
-    """A request outside what a client's policy allows; ``code`` is stable."""
+    """A request outside what a client's policy allows.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``code`` is a stable error code; ``reason`` is a sentence fragment ("must start
+    with /") that each caller phrases into its own message; ``subject`` names what
+    the reason is about (a header name), where that is not already known.
+    """
+
+    def __init__(self, code: str, reason: str, subject: str | None = None) -> None:
         super().__init__(code)
         self.code = code
-        self.message = message
+        self.reason = reason
+        self.subject = subject
 
 
 def key_digest(key: str) -> bytes:
@@ -56,7 +62,7 @@ def normalize_path(raw: str) -> str:
     """
 
     def refuse(why: str) -> PolicyError:
-        return PolicyError("invalid_path", f"The path {why}; send a plain absolute path.")
+        return PolicyError("invalid_path", why)
 
     if not raw.startswith("/"):
         raise refuse("must start with /")
@@ -110,8 +116,7 @@ class PathPattern:
         try:
             normalized = normalize_path(literal)
         except PolicyError as exc:
-            message = exc.message.replace("The path", "the pattern")
-            raise ValueError(message.removesuffix("; send a plain absolute path.")) from None
+            raise ValueError(f"the pattern {exc.reason}") from None
         if normalized != literal:
             raise ValueError("write the pattern without percent-escapes of plain characters")
         segments = tuple(text.split("/")[1:])
@@ -174,9 +179,9 @@ class Client:
     def check(self, method: str, path: str) -> None:
         """Raise ``PolicyError`` unless ``method`` on the normalized ``path`` is allowed."""
         if "*" not in self.methods and method not in self.methods:
-            raise PolicyError("method_not_allowed", f"This client key may not use {method}.")
+            raise PolicyError("method_not_allowed", f"may not use {method}")
         if not any(pattern.matches(path) for pattern in self.paths):
-            raise PolicyError("path_not_allowed", "This client key may not call this path.")
+            raise PolicyError("path_not_allowed", "may not call this path")
 
     def allows_origin(self, origin: str) -> bool:
         """Return whether a browser page on ``origin`` may use this client key."""

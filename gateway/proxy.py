@@ -6,7 +6,7 @@ Thin on purpose: parse the request, ask the policy, forward, shape the response.
 from __future__ import annotations
 
 import json
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
@@ -14,6 +14,7 @@ from werkzeug.exceptions import ClientDisconnected
 from werkzeug.routing import PathConverter
 
 from . import cors
+from .config import GatewayConfig
 from .envelope import EnvelopeSchema, query_params
 from .errors import GatewayError
 from .headers import client_headers, response_headers, upstream_headers
@@ -31,7 +32,6 @@ def _register_converter(state) -> None:
 
 
 _envelope_schema = EnvelopeSchema()
-_STATUS = {"invalid_path": 400, "invalid_header": 400}  # every other PolicyError is a 403
 
 
 class AnythingConverter(PathConverter):
@@ -47,7 +47,22 @@ class UpstreamResponse(Response):
 
 
 def _policy_error(exc: PolicyError) -> GatewayError:
-    return GatewayError(_STATUS.get(exc.code, 403), exc.code, exc.message)
+    """Phrase a policy refusal for the client that made the request."""
+    if exc.code == "invalid_path":
+        message = f"The path {exc.reason}; send a plain absolute path."
+    elif exc.code == "invalid_header":
+        message = (
+            f"Header {exc.subject}: {exc.reason}."
+            if exc.subject
+            else (f"A header name {exc.reason}.")
+        )
+    else:
+        message = f"This client key {exc.reason}."
+    return GatewayError(exc.code, message)
+
+
+def _config() -> GatewayConfig:
+    return current_app.extensions["gateway.config"]
 
 
 def _client_key() -> str:
@@ -58,7 +73,6 @@ def _client_key() -> str:
     if not auth and request.headers.get("X-Api-Key", "").strip():
         return request.headers["X-Api-Key"].strip()
     raise GatewayError(
-        401,
         "missing_client_key",
         "Send your client key as Authorization: Bearer <client key>.",
         headers={"WWW-Authenticate": "Bearer"},
@@ -66,10 +80,9 @@ def _client_key() -> str:
 
 
 def _authenticate() -> Client:
-    client = current_app.config["GATEWAY"].client_for(_client_key())
+    client = _config().client_for(_client_key())
     if client is None:
         raise GatewayError(
-            401,
             "invalid_client_key",
             "The client key is not known to this gateway.",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
@@ -78,7 +91,7 @@ def _authenticate() -> Client:
     origin = request.headers.get("Origin")
     if origin is not None and not client.allows_origin(origin):
         raise GatewayError(
-            403, "origin_not_allowed", "This client key may not be used from this web origin."
+            "origin_not_allowed", "This client key may not be used from this web origin."
         )
     return client
 
@@ -93,7 +106,7 @@ def _answer_preflight():
         return None
     response = Response(status=204)
     response.vary.add("Origin")
-    if current_app.config["GATEWAY"].any_client_allows(origin):
+    if _config().any_client_allows(origin):
         requested = request.headers.get("Access-Control-Request-Headers")
         response.headers.update(cors.preflight_headers(origin, requested))
     return response
@@ -107,8 +120,7 @@ def _add_cors_headers(response: Response) -> Response:
         return response
     response.vary.add("Origin")
     client = g.get("client")
-    config = current_app.config["GATEWAY"]
-    if client.allows_origin(origin) if client else config.any_client_allows(origin):
+    if client.allows_origin(origin) if client else _config().any_client_allows(origin):
         response.headers.update(cors.response_headers(origin, response.headers.keys()))
     return response
 
@@ -138,14 +150,12 @@ def _read_body() -> bytes:
     # gunicorn hands the client socket to the app; its default is no timeout at all.
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
-        sock.settimeout(current_app.config["GATEWAY"].body_timeout)
+        sock.settimeout(_config().body_timeout)
     try:
         body = request.get_data(cache=False)
     except (OSError, ClientDisconnected):
         # The deadline stays on the socket: the server's drain of the rest fails fast too.
-        raise GatewayError(
-            408, "request_timeout", "The request body did not arrive in time."
-        ) from None
+        raise GatewayError("request_timeout", "The request body did not arrive in time.") from None
     if sock is not None:
         sock.settimeout(None)
     return body
@@ -153,21 +163,19 @@ def _read_body() -> bytes:
 
 def _read_envelope() -> dict:
     if not request.is_json:
-        raise GatewayError(
-            400, "invalid_json", "Send the envelope with Content-Type: application/json."
-        )
+        raise GatewayError("invalid_json", "Send the envelope with Content-Type: application/json.")
     body = _read_body()
     try:
         data = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
-        raise GatewayError(400, "invalid_json", "The request body is not valid JSON.") from None
+        raise GatewayError("invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
-        raise GatewayError(400, "invalid_json", "The envelope must be a JSON object.")
+        raise GatewayError("invalid_json", "The envelope must be a JSON object.")
     try:
         return _envelope_schema.load(data)
     except ValidationError as exc:
         raise GatewayError(
-            400, "invalid_envelope", "The envelope has invalid fields.", fields=exc.messages
+            "invalid_envelope", "The envelope has invalid fields.", fields=exc.messages
         ) from None
 
 
@@ -204,7 +212,7 @@ def envelope():
         client=client,
         method=env["method"],
         path=path,
-        query=query_params(env.get("query", {})),
+        query=urlencode(query_params(env.get("query", {}))),
         headers=_outgoing_headers(client, headers),
         body=body,
     )
@@ -224,7 +232,7 @@ def _raw_subpath() -> str:
     raw = raw.split("?", 1)[0]
     prefix = quote(request.script_root) + "/proxy/"
     if not raw.startswith(prefix):
-        raise GatewayError(400, "invalid_path", "The path must be written plainly after /proxy/.")
+        raise GatewayError("invalid_path", "The path must be written plainly after /proxy/.")
     return raw[len(prefix) - 1 :]
 
 

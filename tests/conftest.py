@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import responses
 
 from gateway import create_app
 
@@ -34,6 +35,13 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def upstream():
+    """A mocked upstream for unit tests: every registered call must happen."""
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        yield mock
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -61,7 +60,7 @@ class Handler(BaseHTTPRequestHandler):
         if parts.path.split("/")[-2:-1] == ["status"]:
             name = "status"
         builtin = getattr(type(self), f"route_{name}".replace("-", "_"), None)
-        handler = self.server.routes.get(name) or builtin
+        handler = builtin
         try:
             if handler is None:
                 self.send_json(404, {"error": "no such route", "path": parts.path})
@@ -359,7 +358,6 @@ class FakeUpstream(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.seen: list[Seen] = []
-        self.routes: dict[str, Callable[[Handler], None]] = {}
         self.release = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)

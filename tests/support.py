@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+import requests
 import yaml
 
 # Every secret in the tests is a canary: no response, header or log line may hold one.
@@ -14,6 +18,7 @@ UPSTREAM = "http://upstream.test/v1"
 CHAT_KEY = "ck-test-chat-0123456789"
 READONLY_KEY = "ck-test-readonly-0123456789"
 RAPID_KEY = "ck-test-rapid-0123456789"
+AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 
 
 def base_config(upstream: str = UPSTREAM) -> dict:
@@ -105,3 +110,49 @@ def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
         "connectTimeoutMs": 1000,
     }
     return config
+
+
+# --- upstream faults, shared by the fault suite and the soak ---------------------
+
+SLOW = {"Authorization": f"Bearer {SLOW_KEY}"}  # read timeout 500 ms, every path allowed
+
+# (path, key headers, expected): an int is the status and error of a refused call;
+# "broken" is a response that started and must end in an error the client sees
+# (or, when the upstream broke before its first body byte, a clean 502).
+FAULTS = [
+    ("/proxy/anything", {"Authorization": f"Bearer {DEAD_KEY}"}, (502, "upstream_unreachable")),
+    ("/proxy/silence?delay=2", SLOW, (504, "upstream_timeout")),
+    ("/proxy/reset-before-headers", SLOW, (502, "upstream_error")),
+    ("/proxy/bad-status", SLOW, (502, "upstream_error")),
+    ("/proxy/huge-headers", SLOW, (502, "upstream_error")),
+    ("/proxy/reset-mid-body", SLOW, "broken"),
+    ("/proxy/cut-mid-event", SLOW, "broken"),
+    ("/proxy/short-body", SLOW, "broken"),
+]
+
+
+def call_fault(gateway, path, headers, expected):
+    started = time.monotonic()
+    if expected == "broken":
+        response = requests.get(gateway.url + path, headers=headers, stream=True, timeout=10)
+        if response.status_code == 502:  # it broke before the first body byte: a clean 502
+            assert response.json()["error"] == "upstream_error"
+            return
+        assert response.status_code == 200
+        with pytest.raises(requests.exceptions.RequestException):
+            for _ in response.iter_content(chunk_size=None):
+                pass
+            # A body shorter than its Content-Length must not look complete.
+            declared = response.headers.get("Content-Length")
+            if declared and response.raw.tell() < int(declared):
+                raise requests.exceptions.ChunkedEncodingError("short body")
+    else:
+        try:
+            response = requests.get(gateway.url + path, headers=headers, timeout=10)
+        except requests.exceptions.ConnectionError as exc:
+            raise AssertionError(f"{path}: the gateway dropped the connection") from exc
+        status, code = expected
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == code
+        assert_no_canary(response.content)
+    assert time.monotonic() - started < 8

@@ -14,13 +14,12 @@ from hypothesis import strategies as st
 
 from gateway.policy import PathPattern
 
-from .support import CANARIES, CHAT_KEY, base_config
+from .support import AUTH, CANARIES, CHAT_KEY, base_config
 
 pytestmark = pytest.mark.slow
 
 ALLOWED_METHODS = {"GET", "POST"}
 ALLOWED = [PathPattern.compile(p) for p in base_config()["clients"][CHAT_KEY]["allowedPaths"]]
-AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 
 PLAIN = ["chat", "completions", "models", "files", "gpt-4o", "a", "x", "v1", "admin", ""]
 HOSTILE = [
@@ -149,7 +148,7 @@ def upstream_audit(fake_upstream):
     assert outside == []
 
 
-def test_generated_envelopes(gateway, upstream_audit):
+def test_generated_envelopes_reach_nothing_outside_the_allowlist(gateway, upstream_audit):
     session = requests.Session()
 
     @given(envelope=ENVELOPES)
@@ -181,7 +180,7 @@ def raw_request(gateway, method: str, target: str, headers: dict, body: bytes | 
     return result
 
 
-def test_generated_transparent_requests(gateway, upstream_audit):
+def test_generated_transparent_requests_reach_nothing_outside_the_allowlist(gateway, upstream_audit):
     @given(
         method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"]),
         path=PATHS,
@@ -258,12 +257,8 @@ SPECIAL = [
 CORPUS = [form.format(core) for core in CORE for form in FORMS] + SPECIAL
 
 
-def test_corpus_is_large_enough():
-    assert len(CORPUS) >= 100
-
-
 @pytest.mark.parametrize("mode", ["envelope", "transparent"])
-def test_path_attack_corpus(gateway, upstream_audit, mode):
+def test_path_attack_corpus_reaches_nothing_outside_the_allowlist(gateway, upstream_audit, mode):
     session = requests.Session()
     answered = 0
     for path in CORPUS:

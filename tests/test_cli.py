@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from gateway import create_app
+from gateway.config import ConfigError
+
 from .support import CANARIES, assert_no_canary, base_config, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +39,13 @@ def test_check_config_lists_every_problem(runner, tmp_path):
 
 
 def _flask_cli(config_path: str, *args: str) -> subprocess.CompletedProcess:
+    return _run(config_path, "-m", "flask", "--app", "gateway", *(args or ["check-config"]))
+
+
+def _run(config_path: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **CANARIES, "GATEWAY_CONFIG": config_path}
     return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "gateway", "check-config", *args],
+        [sys.executable, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -45,12 +54,12 @@ def _flask_cli(config_path: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_flask_cli_works_when_the_app_config_is_broken(tmp_path):
+def test_check_config_reports_a_broken_config_without_a_traceback(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("targets: {}\nclients: {k: {target: x}}\n")
     result = _flask_cli(str(path))
     assert result.returncode == 1
-    assert "clients.k.target: unknown target 'x'" in result.stderr
+    assert "clients.client#1.target: unknown target 'x'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -59,3 +68,28 @@ def test_flask_cli_accepts_a_valid_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
     assert_no_canary(result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-m", "flask", "--app", "gateway", "run", "--port", "0"),
+        ("-m", "flask", "--app", "gateway", "routes"),
+        ("-c", "import wsgi"),
+    ],
+)
+def test_every_loader_refuses_a_broken_config_with_the_problem_list(tmp_path, args):
+    path = tmp_path / "broken.yaml"
+    path.write_text("targets: {api: {baseURL: http://x}}\nclients: {}\n")
+    result = _run(str(path), *args)
+    assert result.returncode != 0
+    assert "targets.api.baseURL: unknown field; did you mean baseUrl?" in result.stderr
+    assert "Running on" not in result.stdout + result.stderr
+
+
+def test_create_app_raises_the_problems(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("targets: {}\nclients: {}\nbogus: 1\n")
+    with pytest.raises(ConfigError) as info:
+        create_app({"GATEWAY_CONFIG": str(path), "GATEWAY_ENVIRON": {}})
+    assert info.value.problems == [f"{path}: bogus: unknown field"]

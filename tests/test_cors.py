@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import responses
 
-from .support import CHAT_KEY, RAPID_KEY, READONLY_KEY, UPSTREAM
+from .support import AUTH, CHAT_KEY, RAPID_KEY, READONLY_KEY, UPSTREAM
 
 APP_ORIGIN = "https://app.example.com"
-AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 
 
 @pytest.fixture
@@ -16,12 +15,6 @@ def config_dict(config_dict):
     config_dict["clients"][CHAT_KEY]["allowedOrigins"] = [APP_ORIGIN]
     config_dict["clients"][RAPID_KEY]["allowedOrigins"] = [APP_ORIGIN]
     return config_dict
-
-
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
-        yield mock
 
 
 def preflight(client, path, origin, headers="authorization,content-type,x-stainless-os"):

@@ -12,6 +12,7 @@ import requests
 from .fake_upstream import GZIP_TEXT, PATTERN
 from .live_gateway import LiveGateway
 from .support import (
+    AUTH,
     CANARIES,
     CHAT_KEY,
     DEAD_KEY,
@@ -20,8 +21,6 @@ from .support import (
     base_config,
     write_config,
 )
-
-AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 
 
 def test_envelope_adds_the_secret_and_never_forwards_the_client_key(gateway, fake_upstream):

@@ -8,15 +8,7 @@ import pytest
 import requests
 import responses
 
-from .support import CANARIES, CHAT_KEY, RAPID_KEY, READONLY_KEY, UPSTREAM, assert_no_canary
-
-AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
-
-
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
-        yield mock
+from .support import AUTH, CANARIES, CHAT_KEY, RAPID_KEY, READONLY_KEY, UPSTREAM, assert_no_canary
 
 
 def envelope(client, body, headers=AUTH, **kwargs):
@@ -190,7 +182,7 @@ def test_target_default_headers_are_sent(client, upstream):
     assert upstream.calls[0].request.body is None
 
 
-def test_rapidapi_key_header(client, upstream):
+def test_rapidapi_secret_is_sent_as_x_rapidapi_key(client, upstream):
     upstream.add(responses.DELETE, f"{UPSTREAM}/anything/here", status=204)
     response = envelope(
         client,
@@ -256,7 +248,7 @@ def test_redirects_are_returned_not_followed(client, upstream):
         (requests.exceptions.InvalidHeader("x"), 502, "upstream_error"),
     ],
 )
-def test_transport_failures_are_mapped_once(client, upstream, error, status, code):
+def test_transport_failures_get_502_or_504_with_a_stable_code(client, upstream, error, status, code):
     upstream.add(responses.GET, f"{UPSTREAM}/models", body=error)
     response = envelope(client, {"path": "/models"})
     assert_error(response, status, code)
@@ -338,7 +330,7 @@ def test_transparent_judges_the_raw_path(client, upstream, target):
     assert len(upstream.calls) == 0
 
 
-def test_transparent_policy(client, upstream):
+def test_transparent_mode_refuses_methods_and_paths_outside_the_policy(client, upstream):
     assert_error(client.delete("/proxy/models", headers=AUTH), 403, "method_not_allowed")
     assert_error(client.get("/proxy/admin", headers=AUTH), 403, "path_not_allowed")
     assert len(upstream.calls) == 0

@@ -14,12 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from .support import CHAT_KEY
-from .test_faults import FAULTS, call_fault
+from .support import AUTH, FAULTS, call_fault
 
 pytestmark = pytest.mark.slow
 
-AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 SECONDS = float(os.environ.get("SOAK_SECONDS", 300))
 _local = threading.local()
 
@@ -103,7 +101,7 @@ def settle() -> None:
     time.sleep(7)
 
 
-def test_soak(gateway, fake_upstream):
+def test_minutes_of_mixed_load_leak_no_memory_or_descriptors(gateway, fake_upstream):
     port = fake_upstream.server_address[1]
     rate = capacity(gateway) / 2
     assert not run_load(gateway, rate, min(20.0, SECONDS / 5))  # warm-up: pools, caches
