@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +17,7 @@ from flask import Flask
 from werkzeug.http import is_hop_by_hop_header
 
 from .config_schema import checked_part
+from .egress import guarded_variants
 from .headers import check_header
 from .policy import METHODS, Client, PathPattern, PolicyError, Target, key_digest, parse_origin
 
@@ -48,6 +49,8 @@ class GatewayConfig:
     secret_names: tuple[str, ...]
     max_request_bytes: int
     body_timeout: float = 30.0
+    write_timeout: float = 60.0
+    guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
 
     def client_for(self, key: str) -> Client | None:
         """Return the client whose key is ``key``, or None."""
@@ -207,6 +210,11 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
         name: _resolve(name, raw_value, env, problems)
         for name, raw_value in data.get("secrets", {}).items()
     }
+    # What the egress guard keeps from clients: each secret as sent, and each
+    # variable inside it (the raw key in "Bearer ${KEY}" is what an upstream echoes).
+    guarded = [value for value in secrets.values() if value is not None]
+    for raw_value in data.get("secrets", {}).values():
+        guarded += [env[var] for var in _VAR.findall(raw_value) if var in env]
     clients: dict[bytes, Client] = {}
     for key, spec in data.get("clients", {}).items():
         known_targets = targets if "targets" in data else None
@@ -221,6 +229,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
         secret_names=tuple(secrets),
         max_request_bytes=data.get("maxRequestBytes", DEFAULT_MAX_REQUEST_BYTES),
         body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
+        write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
+        guarded=guarded_variants(guarded) if data.get("egressGuard", True) else (),
     )
 
 

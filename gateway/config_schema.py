@@ -60,6 +60,8 @@ class ConfigSchema(Schema):
     )
     maxRequestBytes = fields.Integer(strict=True, validate=validate.Range(1024, 2**40))
     bodyTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
+    writeTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
+    egressGuard = fields.Boolean(truthy={True}, falsy={False})
 
 
 _SECTIONS = {"targets": TargetSchema, "clients": ClientSchema}

@@ -29,7 +29,10 @@ CODES: dict[str, Code] = {
         400, "unknown field or wrong type in the envelope (`fields` says which)"
     ),
     "invalid_path": Code(400, "path not a plain absolute path"),
-    "invalid_header": Code(400, "a header name or value holds CR, LF or NUL"),
+    "invalid_header": Code(
+        400, "a header name is not a token, or a value holds a control character"
+    ),
+    "body_not_allowed": Code(400, "a GET, HEAD or OPTIONS request carried a body"),
     "missing_client_key": Code(401, "no `Authorization: Bearer` (or `x-api-key`)"),
     "invalid_client_key": Code(401, "the key is not in the config"),
     "method_not_allowed": Code(403, "method outside `allowedMethods`"),
@@ -45,6 +48,9 @@ CODES: dict[str, Code] = {
     "not_implemented": Code(501, "a transfer coding gunicorn does not support"),
     "upstream_unreachable": Code(502, "could not connect to the upstream"),
     "upstream_error": Code(502, "the upstream closed the connection or sent a broken response"),
+    "secret_in_response": Code(
+        502, "the upstream's answer held a configured secret; nothing of it was sent"
+    ),
     "upstream_timeout": Code(504, "connect or read timeout before the response started"),
 }
 

@@ -14,12 +14,12 @@ __all__ = [
     "is_token",
     "client_headers",
     "connection_names",
+    "readable_codings",
     "response_headers",
     "upstream_headers",
 ]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
 # Printable latin-1 plus tab: what a WSGI server will write back without error.
 _SAFE_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
@@ -39,6 +39,14 @@ _CLIENT_BLOCKED = frozenset(
         "referer",
         "forwarded",
         "x-real-ip",
+        # Honoured by some upstreams (Google APIs, Rails, Laravel, Express, IIS
+        # rewrite) as the real method or path: they would defeat allowedMethods
+        # and allowedPaths.
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
     }
 )
 _CLIENT_BLOCKED_PREFIXES = ("proxy-", "sec-", "x-forwarded-")
@@ -67,8 +75,16 @@ def check_header(name: str, value: str) -> None:
     """Raise ``PolicyError("invalid_header")`` if ``name: value`` could split a request."""
     if not is_token(name):
         raise PolicyError("invalid_header", "holds a character not allowed in header names")
-    if _BAD_VALUE.search(value):
+    if re.search(r"[\r\n\x00]", value):
         raise PolicyError("invalid_header", "value holds a line break or NUL", subject=name)
+    if not _SAFE_VALUE.fullmatch(value):
+        raise PolicyError(
+            "invalid_header",
+            "value holds a control character or a character outside Latin-1",
+            subject=name,
+        )
+    if value != value.strip(" \t"):
+        raise PolicyError("invalid_header", "value starts or ends with white space", subject=name)
 
 
 def connection_names(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
@@ -113,6 +129,16 @@ def upstream_headers(
     # The caller decodes the body, so it alone says which encodings it takes.
     merged["accept-encoding"] = ("Accept-Encoding", accept_encoding or "identity")
     return dict(merged.values())
+
+
+def readable_codings(accept_encoding: str | None, readable: tuple[str, ...]) -> str:
+    """Return ``accept_encoding`` less the codings outside ``readable`` ("identity" if none)."""
+    kept = []
+    for item in (accept_encoding or "").split(","):
+        coding = item.split(";", 1)[0].strip().lower()
+        if coding in readable or coding == "identity":
+            kept.append(item.strip())
+    return ", ".join(kept) or "identity"
 
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -6,24 +6,27 @@ Thin on purpose: parse the request, ask the policy, forward, shape the response.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from urllib.parse import quote, urlencode
 
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
-from werkzeug.exceptions import ClientDisconnected
 from werkzeug.routing import PathConverter
 
-from . import cors
+from . import cors, egress
 from .config import GatewayConfig
 from .envelope import EnvelopeSchema, query_params
 from .errors import GatewayError
-from .headers import client_headers, response_headers, upstream_headers
+from .headers import client_headers, readable_codings, response_headers, upstream_headers
 from .policy import METHODS, Client, PolicyError, normalize_path
-from .upstream import Call, stream_body
+from .request_body import read_body
+from .upstream import Call, UpstreamBroke, body_chunks
 
 __all__ = ["bp"]
 
 bp = Blueprint("gateway", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.record_once
@@ -136,28 +139,84 @@ def _allowed_path(client: Client, method: str, raw_path: str) -> str:
 
 
 def _forward(call: Call) -> Response:
+    """Send ``call`` and answer with the upstream's response, through the response pipeline."""
+    config = _config()
     upstream = current_app.extensions["gateway.upstream"].send(call)
+    headers = response_headers(upstream.raw.headers.items())
+    chunks = body_chunks(upstream, call.client)
+    if config.guarded:
+        headers, dropped = egress.guard_headers(headers, config.guarded)
+        for name in dropped:
+            _log_block(call, f"response header {name} (dropped)")
+        coding = upstream.headers.get("Content-Encoding")
+        chunks = egress.scan_body(chunks, config.guarded, coding)
     return UpstreamResponse(
-        stream_body(upstream, call.client),
+        _Body(chunks, call),
         status=upstream.status_code,
-        headers=response_headers(upstream.raw.headers.items()),
+        headers=headers,
         direct_passthrough=True,
     )
 
 
+def _log_block(call: Call, where: str) -> None:
+    log.warning(
+        "%s: egress guard: a secret in the %s from target %s",
+        call.client.label,
+        where,
+        call.client.target.name,
+    )
+
+
+class _Body:
+    """The end of the response pipeline: what the WSGI server iterates and closes.
+
+    Its first chunk is read before the response starts, so a failure that early
+    (an upstream break, a secret in the first bytes) still gets a clean JSON error;
+    later, the same failures cut the connection. ``close()`` ends every stage,
+    however the response ended: completed, client gone, or cut.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], call: Call) -> None:
+        self._chunks = chunks
+        self._call = call
+        try:
+            self._first = next(chunks, b"")
+        except UpstreamBroke as exc:
+            raise exc.failure() from None
+        except egress.SecretInResponse:
+            _log_block(call, "response body (before it was sent)")
+            raise GatewayError(
+                "secret_in_response", "The upstream's answer held a secret; it was not sent."
+            ) from None
+        except egress.UnreadableEncoding:
+            chunks.close()
+            raise GatewayError(
+                "upstream_error",
+                "The upstream's answer is in an encoding the gateway cannot check.",
+            ) from None
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._first:
+            yield self._first
+        try:
+            yield from self._chunks
+        except egress.SecretInResponse:
+            _log_block(self._call, "response body (the stream was cut)")
+            raise
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
 def _read_body() -> bytes:
-    """Read the request body within ``bodyTimeoutMs``, so a trickling client frees its slot."""
-    # gunicorn hands the client socket to the app; its default is no timeout at all.
+    """Read the request body within ``maxRequestBytes`` and the ``bodyTimeoutMs`` deadline."""
+    config = _config()
+    body = read_body(request.environ, config.max_request_bytes, config.body_timeout)
+    # From here the socket only sends: a client that stops reading the answer for
+    # writeTimeoutMs is dropped, which frees its upstream connection.
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
-        sock.settimeout(_config().body_timeout)
-    try:
-        body = request.get_data(cache=False)
-    except (OSError, ClientDisconnected):
-        # The deadline stays on the socket: the server's drain of the rest fails fast too.
-        raise GatewayError("request_timeout", "The request body did not arrive in time.") from None
-    if sock is not None:
-        sock.settimeout(None)
+        sock.settimeout(config.write_timeout)
     return body
 
 
@@ -188,12 +247,10 @@ def _outgoing_headers(client: Client, headers: list[tuple[str, str]]) -> dict[st
         passed = client_headers(headers)
     except PolicyError as exc:
         raise _policy_error(exc) from None
-    return upstream_headers(
-        client.target.default_headers,
-        passed,
-        client.secret_headers,
-        request.headers.get("Accept-Encoding"),
-    )
+    accept = request.headers.get("Accept-Encoding")
+    if _config().guarded:
+        accept = readable_codings(accept, egress.READABLE_CODINGS)
+    return upstream_headers(client.target.default_headers, passed, client.secret_headers, accept)
 
 
 @bp.post("/proxy")

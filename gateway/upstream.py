@@ -18,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from .errors import GatewayError
 from .policy import Client
 
-__all__ = ["Call", "Upstream", "UpstreamBroke", "init_app"]
+__all__ = ["Call", "Upstream", "UpstreamBroke", "body_chunks", "init_app"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,20 @@ class Call:
 
 
 class UpstreamBroke(ConnectionResetError):
-    """The upstream failed after the response started; the client connection is reset.
+    """The upstream failed while sending its body.
 
     A reset, not a clean end, so the caller can tell a cut stream from a whole one.
     WSGI servers treat ECONNRESET as a quiet disconnect (gunicorn logs it at debug).
+    Before the first byte was sent, ``failure()`` says how to answer instead.
     """
+
+    def __init__(self, timed_out: bool) -> None:
+        super().__init__(errno.ECONNRESET, "the upstream broke off the response")
+        self.timed_out = timed_out
+
+    def failure(self) -> GatewayError:
+        """Return the error a client gets when nothing of the body was sent yet."""
+        return _timeout() if self.timed_out else _broken()
 
 
 def _new_session(pool_size: int) -> requests.Session:
@@ -141,46 +150,24 @@ def _could_not_connect(exc: requests.exceptions.ConnectionError) -> bool:
 _READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 
 
-def stream_body(response: requests.Response, client: Client) -> Iterator[bytes]:
-    """Return the upstream body as an iterator of chunks as they arrive, still encoded.
-
-    The first chunk is read here, before the response starts: the WSGI server sends
-    the headers with the first chunk anyway, and a failure this early can still be
-    answered with a clean 502 or 504 instead of a dropped connection.
-    """
-    try:
-        first = response.raw.read1(CHUNK_SIZE, decode_content=False)
-    except _READ_ERRORS as exc:
-        response.close()
-        timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
-        log.warning(
-            "%s: upstream %s failed before its body (%s)",
-            client.label,
-            client.target.name,
-            type(exc).__name__,
-        )
-        raise (_timeout() if timed_out else _broken()) from None
-    return _rest_of_body(response, client, first)
-
-
-def _rest_of_body(response: requests.Response, client: Client, first: bytes) -> Iterator[bytes]:
+def body_chunks(response: requests.Response, client: Client) -> Iterator[bytes]:
+    """Yield the upstream body as it arrives, still encoded; close the response at the end."""
     raw = response.raw
-    sent = len(first)
+    received = 0
     try:
-        chunk = first
-        while chunk:
+        while chunk := raw.read1(CHUNK_SIZE, decode_content=False):
+            received += len(chunk)
             yield chunk
-            chunk = raw.read1(CHUNK_SIZE, decode_content=False)
-            sent += len(chunk)
     except _READ_ERRORS as exc:
         log.warning(
             "%s: upstream %s broke off the response after %d bytes (%s)",
             client.label,
             client.target.name,
-            sent,
+            received,
             type(exc).__name__,
         )
-        raise UpstreamBroke(errno.ECONNRESET, "the upstream broke off the response") from None
+        timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
+        raise UpstreamBroke(timed_out) from None
     finally:
         response.close()
 

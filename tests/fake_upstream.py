@@ -1,7 +1,9 @@
 """A real HTTP upstream on 127.0.0.1 that records what it receives.
 
 Routes (under any prefix, e.g. /v1): ``/echo``, ``/sse``, ``/sse-lockstep``,
-``/slow``, ``/gzip``, ``/big``, ``/status/<code>``. Tests add more with ``route``.
+``/slow``, ``/gzip``, ``/big``, ``/status/<code>``, the fault routes, and the
+``/leak-*`` routes that hand the secret they received back, as a careless or
+hostile upstream would (the egress guard must stop every one of them).
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
                 "method": self.command,
                 "path": self.seen.path,
                 "query": self.seen.query,
-                "headers": self.seen.headers,
+                "header_names": sorted(self.seen.headers),
                 "body_sha256": hashlib.sha256(self.seen.body).hexdigest(),
                 "body_length": len(self.seen.body),
             },
@@ -130,6 +132,60 @@ class Handler(BaseHTTPRequestHandler):
                 "Set-Cookie": "upstream=1",
             },
         )
+
+    # --- upstreams that reflect the secret they received -----------------
+
+    def _received_secret(self) -> bytes:
+        """The secret this request carried (the raw key, without "Bearer ")."""
+        value = self.headers.get("Authorization") or self.headers.get("X-RapidAPI-Key") or ""
+        return value.removeprefix("Bearer ").encode()
+
+    def route_leak_header(self) -> None:
+        value = self.headers.get("Authorization", "")
+        self.send_json(200, {"ok": True}, headers={"X-Echo-Authorization": value, "X-Safe": "1"})
+
+    def route_leak_body(self) -> None:
+        self.send_json(200, {"error": "bad key", "received": self.headers.get("Authorization")})
+
+    def route_leak_json_escaped(self) -> None:
+        # A JSON encoder that escapes "/" (as PHP's does) writes the key with "\/".
+        data = b'{"key": "' + self._received_secret().replace(b"/", b"\\/") + b'"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def route_leak_split(self) -> None:
+        """SSE: two clean events, then the secret split over two chunks 200 ms apart."""
+        secret = self._received_secret()
+        cut = int(self.query.get("at", len(secret) // 2))
+        self.start_chunked("text/event-stream")
+        self.chunk(b"data: one\n\n")
+        self.chunk(b"data: two\n\n")
+        self.chunk(b"data: leaked " + secret[:cut])
+        time.sleep(0.2)
+        self.chunk(secret[cut:] + b"\n\n")
+        self.chunk(b"data: after\n\n")
+        self.end_chunked()
+
+    def route_leak_gzip(self) -> None:
+        data = gzip.compress(GZIP_TEXT + b"key=" + self._received_secret())
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Encoding", self.query.get("coding", "gzip"))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def route_leak_late(self) -> None:
+        """A large body (several chunks) with the secret near its end."""
+        self.send_response(200)
+        body = PATTERN * 8 + b"key=" + self._received_secret()
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def route_sse(self) -> None:
         events = int(self.query.get("events", 5))

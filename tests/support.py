@@ -11,7 +11,7 @@ import yaml
 # Every secret in the tests is a canary: no response, header or log line may hold one.
 CANARIES = {
     "CANARY_OPENAI": "sk-canary-openai-3f9a1c",
-    "CANARY_RAPID": "canary-rapid-77d0e2",
+    "CANARY_RAPID": "canary-rapid/77d0e2",  # a "/" that JSON may write as "\\/"
     "CANARY_ANTHROPIC": "sk-ant-canary-41b8aa",
 }
 UPSTREAM = "http://upstream.test/v1"

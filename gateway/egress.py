@@ -1,0 +1,182 @@
+"""The egress guard: no configured secret reaches a client, in a header or a body.
+
+Plain Python with no Flask imports. The body scan is a stage of the response
+pipeline: it passes chunks on as they come, holding back only a tail that could
+be the start of a secret (never the end of an SSE event), and raises
+``SecretInResponse`` the moment a whole secret shows up.
+"""
+
+from __future__ import annotations
+
+import errno
+import zlib
+from collections.abc import Iterable, Iterator
+
+__all__ = [
+    "MIN_SECRET_LENGTH",
+    "READABLE_CODINGS",
+    "SecretInResponse",
+    "SecretScanner",
+    "guard_headers",
+    "guarded_variants",
+    "scan_body",
+]
+
+# Shorter values ("1", "true") would match innocent text; a real key is longer.
+MIN_SECRET_LENGTH = 8
+# The content codings the guard can decode to scan; the upstream is asked only for these.
+READABLE_CODINGS = ("gzip", "deflate")
+
+
+class SecretInResponse(ConnectionResetError):
+    """A secret was found in a response; the client connection must be cut.
+
+    A reset, like an upstream that breaks off, so a cut body never looks whole.
+    """
+
+    def __init__(self, where: str) -> None:
+        super().__init__(errno.ECONNRESET, "a secret was found in the response")
+        self.where = where
+
+
+class UnreadableEncoding(Exception):
+    """The upstream sent a content coding the guard cannot decode, so cannot check."""
+
+
+def guarded_variants(values: Iterable[str]) -> tuple[bytes, ...]:
+    """Return the byte strings to look for: each value as text and as written in JSON."""
+    found: set[bytes] = set()
+    for value in values:
+        if len(value) < MIN_SECRET_LENGTH:
+            continue
+        found.add(value.encode("utf-8"))
+        # In a JSON body "/" may be written "\/" and non-ASCII as \uXXXX.
+        escaped = value.replace("/", "\\/").encode("ascii", "backslashreplace")
+        found.add(escaped)
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def guard_headers(
+    headers: Iterable[tuple[str, str]], secrets: tuple[bytes, ...]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Return the headers without those whose value holds a secret, and the dropped names."""
+    texts = [s.decode("latin-1") for s in secrets]
+    kept, dropped = [], []
+    for name, value in headers:
+        if any(text in value for text in texts):
+            dropped.append(name)
+        else:
+            kept.append((name, value))
+    return kept, dropped
+
+
+class SecretScanner:
+    """Scans a byte stream fed in pieces; a secret split across pieces is still found."""
+
+    def __init__(self, secrets: tuple[bytes, ...]) -> None:
+        self._secrets = secrets
+        self._tail = b""  # the end of the text seen so far that could start a secret
+
+    def feed(self, data: bytes) -> int:
+        """Scan ``data``; return how many bytes at the end of all text fed could begin a secret.
+
+        Those bytes are the ones held back from before, plus the end of ``data``.
+        Raises ``SecretInResponse`` if a whole secret is now in view.
+        """
+        window = self._tail + data
+        for secret in self._secrets:
+            if secret in window:
+                raise SecretInResponse("body")
+        held = _partial_suffix(window, self._secrets)
+        self._tail = window[len(window) - held :] if held else b""
+        return held
+
+
+def _partial_suffix(data: bytes, secrets: tuple[bytes, ...]) -> int:
+    """Return the length of the longest end of ``data`` that is a start of a secret."""
+    longest = 0
+    for secret in secrets:
+        first = secret[:1]
+        start = max(0, len(data) - len(secret) + 1)  # a whole secret was ruled out already
+        position = data.find(first, start)
+        while position != -1:
+            length = len(data) - position
+            if length > longest and secret.startswith(data[position:]):
+                longest = length
+                break
+            position = data.find(first, position + 1)
+    return longest
+
+
+def scan_body(
+    chunks: Iterator[bytes], secrets: tuple[bytes, ...], coding: str | None
+) -> Iterator[bytes]:
+    """Pass ``chunks`` on, cut with ``SecretInResponse`` before a secret would be sent.
+
+    Plain bodies are scanned as they are; a gzip or deflate body is decoded on the
+    side and the client still gets the original bytes. Only bytes that could start
+    a secret are held back, until the next chunk shows whether they do.
+    """
+    scanner = SecretScanner(secrets)
+    decoder = _decoder(coding)
+    pending = b""  # received, scanned, not yet sent: it may be the start of a secret
+    try:
+        for chunk in chunks:
+            if decoder is None:
+                held = scanner.feed(chunk)
+                data = pending + chunk
+                pending = data[len(data) - held :] if held else b""
+                out = data[: len(data) - held]
+            else:
+                try:
+                    held = scanner.feed(decoder.decompress(chunk))
+                except zlib.error:
+                    held = 0  # not valid: the client's decoder fails on it as well
+                # Encoded bytes cannot be split where the text is: hold whole chunks.
+                data = pending + chunk
+                pending, out = (data, b"") if held else (b"", data)
+            if out:
+                yield out
+        if decoder is not None:
+            scanner.feed(decoder.flush())
+        if pending:
+            yield pending
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _decoder(coding: str | None):
+    coding = (coding or "identity").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if coding == "deflate":
+        return _Deflate()
+    raise UnreadableEncoding(coding)
+
+
+class _Deflate:
+    """HTTP "deflate" is zlib-wrapped, but some servers send raw deflate: take either."""
+
+    def __init__(self) -> None:
+        self._inner = None
+        self._start = b""
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._inner is None:
+            self._start += data
+            if len(self._start) < 2:
+                return b""
+            header = self._start[:2]
+            zlib_header = (header[0] & 0x0F) == 8 and int.from_bytes(header, "big") % 31 == 0
+            self._inner = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+            data, self._start = self._start, b""
+        return self._inner.decompress(data)
+
+    def flush(self) -> bytes:
+        if self._inner is None:
+            return b""
+        return self._inner.flush()

@@ -1,0 +1,203 @@
+"""The egress guard: an upstream that hands a secret back never gets it to the client."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from urllib.parse import parse_qsl
+
+import pytest
+import requests
+
+from gateway.egress import SecretInResponse, guard_headers, guarded_variants, scan_body
+
+from .support import AUTH, BROWSER_KEY, CANARIES, RAPID_KEY, UPSTREAM, assert_no_canary
+
+SECRETS = guarded_variants(
+    ["Bearer sk-canary-openai-3f9a1c", "sk-canary-openai-3f9a1c", "a/b/c/d/e/f"]
+)
+SECRET = b"sk-canary-openai-3f9a1c"
+
+
+def _run(chunks, coding=None) -> tuple[bytes, bool]:
+    sent, cut = b"", False
+    try:
+        for piece in scan_body(iter(chunks), SECRETS, coding):
+            sent += piece
+    except SecretInResponse:
+        cut = True
+    return sent, cut
+
+
+# --- the scanner, Flask-free ----------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", range(1, len(SECRET)))
+def test_a_secret_split_across_two_chunks_is_found_at_every_split(cut):
+    sent, was_cut = _run([b"data: ok\n\n", b"data: " + SECRET[:cut], SECRET[cut:] + b"\n\n"])
+    assert was_cut
+    assert sent == b"data: ok\n\ndata: "  # nothing past the last safe byte
+
+
+def test_a_secret_spread_over_one_byte_chunks_is_found():
+    sent, was_cut = _run([bytes([b]) for b in b"xx" + SECRET + b"yy"])
+    assert was_cut and sent == b"xx"
+
+
+def test_text_that_only_starts_like_a_secret_is_released_whole():
+    body = [b"data: sk-can", b"dy\n\n", b"data: Bear", b"er\n\n"]
+    assert _run(body) == (b"".join(body), False)
+
+
+def test_event_ends_are_never_held_back():
+    stream = scan_body(iter([b"data: 1\n\n", b"data: 2\n\n"]), SECRETS, None)
+    assert next(stream) == b"data: 1\n\n"  # passed on before the next chunk is read
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        gzip.compress,
+        zlib.compress,
+        lambda data: zlib.compress(data)[2:-4],  # raw deflate, as some servers send it
+    ],
+    ids=["gzip", "deflate", "raw-deflate"],
+)
+def test_encoded_bodies_are_scanned_and_passed_as_they_are(encode):
+    coding = "gzip" if encode is gzip.compress else "deflate"
+    clean = encode(b"hello " * 5000)
+    pieces = [clean[i : i + 100] for i in range(0, len(clean), 100)]
+    assert _run(pieces, coding) == (clean, False)
+    dirty = encode(b"hello " * 5000 + SECRET)
+    sent, was_cut = _run([dirty[i : i + 100] for i in range(0, len(dirty), 100)], coding)
+    assert was_cut and len(sent) < len(dirty)
+    if sent:
+        assert SECRET not in zlib.decompressobj(47 if coding == "gzip" else 15).decompress(sent)
+
+
+def test_the_json_escaped_form_of_a_secret_is_found():
+    assert _run([b'{"k": "a\\/b\\/c\\/d\\/e\\/f"}'])[1]
+
+
+def test_short_values_are_not_guarded():
+    assert guarded_variants(["1234567", "true"]) == ()
+
+
+def test_headers_holding_a_secret_are_dropped_and_named():
+    kept, dropped = guard_headers([("X-Echo", "Bearer " + SECRET.decode()), ("X-Ok", "1")], SECRETS)
+    assert kept == [("X-Ok", "1")] and dropped == ["X-Echo"]
+
+
+# --- the gateway, with a mocked upstream -----------------------------------------
+
+
+def test_the_upstream_is_asked_only_for_codings_the_guard_reads(client, upstream):
+    upstream.get(UPSTREAM + "/models", body="{}")
+    client.get("/proxy/models", headers={**AUTH, "Accept-Encoding": "br, gzip;q=0.8, zstd"})
+    assert upstream.calls[0].request.headers["Accept-Encoding"] == "gzip;q=0.8"
+
+
+def test_with_the_guard_off_the_answer_passes(tmp_path, config_dict, upstream):
+    from gateway import create_app
+
+    from .support import write_config
+
+    config_dict["egressGuard"] = False
+    app = create_app(
+        {
+            "GATEWAY_CONFIG": write_config(tmp_path / "c.yaml", config_dict),
+            "GATEWAY_ENVIRON": CANARIES,
+        }
+    )
+    upstream.get(UPSTREAM + "/models", body=CANARIES["CANARY_OPENAI"])
+    response = app.test_client().get("/proxy/models", headers=AUTH)
+    assert response.status_code == 200  # the switch exists for measuring the guard's cost
+
+
+# --- the real gateway, both modes ---------------------------------------------------
+
+RAPID = {"X-Api-Key": RAPID_KEY}
+
+
+def _call(gateway, mode: str, route: str, headers=AUTH, **kwargs):
+    if mode == "envelope":
+        path, _, query = route.partition("?")
+        envelope = {"path": path, "query": dict(parse_qsl(query))}
+        return requests.post(
+            gateway.url + "/proxy", json=envelope, headers=headers, timeout=10, **kwargs
+        )
+    return requests.get(gateway.url + "/proxy" + route, headers=headers, timeout=10, **kwargs)
+
+
+MODES = ["envelope", "transparent"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reflected_secret_header_is_dropped_and_never_exposed(gateway, page_origin, mode):
+    origin_headers = {"Authorization": f"Bearer {BROWSER_KEY}", "Origin": page_origin}
+    response = _call(gateway, mode, "/files/leak-header", headers=origin_headers)
+    assert response.status_code == 200
+    assert "X-Echo-Authorization" not in response.headers
+    assert response.headers["X-Safe"] == "1"
+    assert "X-Echo-Authorization" not in response.headers.get("Access-Control-Expose-Headers", "")
+    assert_no_canary(str(response.headers).encode() + response.content)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("route", "headers"),
+    [
+        ("/files/leak-body", AUTH),
+        ("/files/leak-gzip", AUTH),
+        ("/anything/leak-json-escaped", RAPID),
+    ],
+    ids=["plain", "gzip", "json-escaped"],
+)
+def test_a_secret_in_the_first_bytes_gets_502_and_nothing_of_the_body(
+    gateway, mode, route, headers
+):
+    response = _call(gateway, mode, route, headers=headers)
+    assert response.status_code == 502, response.text
+    assert response.json()["error"] == "secret_in_response"
+    assert "X-Fake-Upstream" not in response.headers
+    assert_no_canary(response.content)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("at", [1, 12])
+def test_a_secret_split_mid_stream_cuts_the_stream_before_it(gateway, mode, at):
+    response = _call(gateway, mode, f"/files/leak-split?at={at}", stream=True)
+    assert response.status_code == 200
+    received = b""
+    with pytest.raises(requests.exceptions.RequestException):
+        for piece in response.iter_content(chunk_size=None):
+            received += piece
+    assert received == b"data: one\n\ndata: two\n\ndata: leaked "
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_secret_late_in_a_large_body_cuts_it(gateway, mode):
+    response = _call(gateway, mode, "/files/leak-late", stream=True)
+    assert response.status_code == 200
+    received = b""
+    with pytest.raises(requests.exceptions.RequestException):
+        for piece in response.iter_content(chunk_size=None):
+            received += piece
+        if response.raw.tell() < int(response.headers["Content-Length"]):
+            raise requests.exceptions.ChunkedEncodingError("short body")
+    assert_no_canary(received)
+
+
+def test_a_coding_the_guard_cannot_read_is_refused(gateway):
+    response = _call(gateway, "transparent", "/files/leak-gzip?coding=br")
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream_error"
+
+
+def test_every_block_is_logged_without_the_value(gateway):
+    _call(gateway, "transparent", "/files/leak-header")
+    _call(gateway, "transparent", "/files/leak-body")
+    log = gateway.log_text()
+    assert "egress guard: a secret in the response header X-Echo-Authorization" in log
+    assert "egress guard: a secret in the response body (before it was sent)" in log
+    assert_no_canary(log)
