@@ -248,7 +248,7 @@ def test_redirects_are_returned_not_followed(client, upstream):
         (requests.exceptions.InvalidHeader("x"), 502, "upstream_error"),
     ],
 )
-def test_transport_failures_get_502_or_504_with_a_stable_code(client, upstream, error, status, code):
+def test_transport_failures_get_a_stable_502_or_504(client, upstream, error, status, code):
     upstream.add(responses.GET, f"{UPSTREAM}/models", body=error)
     response = envelope(client, {"path": "/models"})
     assert_error(response, status, code)
