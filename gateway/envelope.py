@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from urllib.parse import urlencode
 
 from marshmallow import Schema, ValidationError, fields, pre_load, validate
 
 from .policy import METHODS
 
-__all__ = ["EnvelopeSchema", "HealthSchema", "ErrorSchema", "query_params"]
+__all__ = ["EnvelopeSchema", "HealthSchema", "ErrorSchema", "encoded_body", "encoded_query"]
 
 _SCALARS = (str, int, float, bool)
+
+# Bounds far above what real APIs use (a few dozen headers, a handful of query
+# parameters), checked before anything is looked at one by one, so a huge
+# envelope is refused in constant time instead of stalling a worker.
+MAX_QUERY_ITEMS = 1000  # name=value pairs, counting each item of a list
+MAX_HEADERS = 100
+MAX_NAME_LENGTH = 256
+MAX_VALUE_LENGTH = 8192
+MAX_QUERY_LENGTH = 16384  # the encoded query string
 
 
 class QueryValue(fields.Field):
@@ -61,6 +72,29 @@ class EnvelopeSchema(Schema):
             data = {**data, "method": data["method"].upper()}
         return data
 
+    @pre_load
+    def _bounded(self, data: Any, **kwargs: Any) -> Any:
+        """Refuse oversized query and headers before any of their items is read."""
+        if not isinstance(data, dict):
+            return data
+        problems: dict[str, list[str]] = {}
+        query = data.get("query")
+        if isinstance(query, dict):
+            items = sum(len(v) if isinstance(v, list) else 1 for v in query.values())
+            if items > MAX_QUERY_ITEMS:
+                problems["query"] = [f"more than {MAX_QUERY_ITEMS} parameters"]
+            elif _too_long(query):
+                problems["query"] = [_LENGTHS]
+        headers = data.get("headers")
+        if isinstance(headers, dict):
+            if len(headers) > MAX_HEADERS:
+                problems["headers"] = [f"more than {MAX_HEADERS} headers"]
+            elif _too_long(headers):
+                problems["headers"] = [_LENGTHS]
+        if problems:
+            raise ValidationError(problems)
+        return data
+
 
 class HealthSchema(Schema):
     ok = fields.Boolean(required=True)
@@ -77,10 +111,41 @@ def _text(value: str | int | float | bool) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def query_params(query: dict[str, Any]) -> list[tuple[str, str]]:
-    """Return the envelope's query as (name, value) pairs, lists repeated."""
+_LENGTHS = f"a name longer than {MAX_NAME_LENGTH} or a value longer than {MAX_VALUE_LENGTH}"
+
+
+def _too_long(mapping: dict[Any, Any]) -> bool:
+    for name, value in mapping.items():
+        if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+            return True
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and len(item) > MAX_VALUE_LENGTH:
+                return True
+    return False
+
+
+def encoded_query(query: dict[str, Any]) -> str:
+    """Return the envelope's query as it goes on the wire, lists repeated.
+
+    Raises ValidationError naming ``query`` for text the wire cannot carry (a lone
+    surrogate) or a URL longer than upstreams accept.
+    """
     pairs = []
     for name, value in query.items():
         for item in value if isinstance(value, list) else [value]:
             pairs.append((name, _text(item)))
-    return pairs
+    try:
+        text = urlencode(pairs)
+    except UnicodeEncodeError:
+        raise ValidationError({"query": ["holds text that is not valid Unicode"]}) from None
+    if len(text) > MAX_QUERY_LENGTH:
+        raise ValidationError({"query": [f"encodes to more than {MAX_QUERY_LENGTH} characters"]})
+    return text
+
+
+def encoded_body(body: Any) -> bytes:
+    """Return the envelope's body as compact JSON bytes; ValidationError names ``body``."""
+    try:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValidationError({"body": ["holds text that is not valid Unicode"]}) from None

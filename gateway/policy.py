@@ -95,6 +95,10 @@ def normalize_path(raw: str) -> str:
         # "..;x" is ".." to servlet containers: judge the part before ";".
         if segment and set(segment.split(";", 1)[0]) <= {"."} and segment[0] == ".":
             raise refuse("must not hold . or .. segments")
+        # Windows servers (IIS) drop trailing dots and spaces: "..%20" and "x." would
+        # become ".." and "x" there, after the gateway matched them as written.
+        if segment.endswith((".", "%20")):
+            raise refuse("must not hold a segment ending in a dot or a space")
     return raw
 
 
@@ -123,24 +127,41 @@ class PathPattern:
         for segment in segments:
             if "*" in segment and segment not in ("*", "**"):
                 raise ValueError("use * and ** only as whole segments, e.g. /models/* or /v1/**")
+        if "/**/**" in text + "/":
+            raise ValueError("write ** once: /**/** means the same as /**")
         return cls(text, segments)
 
     def matches(self, path: str) -> bool:
         """Return whether the normalized ``path`` is inside this pattern."""
-        return _match(self.segments, tuple(path.split("/")[1:]))
+        return _match(self.segments, path.split("/")[1:])
 
 
-def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
-    if not pattern:
-        return not parts
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_match(rest, parts[i:]) for i in range(len(parts) + 1))
-    if not parts:
-        return False
-    if head == "*":
-        return parts[0] != "" and _match(rest, parts[1:])
-    return head == parts[0] and _match(rest, parts[1:])
+def _match(pattern: tuple[str, ...], parts: list[str]) -> bool:
+    """Match segments against a pattern in O(len(pattern) * len(parts)) steps at most.
+
+    The classic wildcard walk: on a mismatch, go back only to the latest ``**``
+    and let it take one more segment. Earlier ``**`` never need retrying, so no
+    pattern can make a path cost more than this product.
+    """
+    p = i = 0
+    star_p, star_i = -1, 0
+    while i < len(parts):
+        if p < len(pattern) and pattern[p] == "**":
+            star_p, star_i = p, i
+            p += 1
+        elif p < len(pattern) and (
+            pattern[p] == parts[i] or (pattern[p] == "*" and parts[i] != "")
+        ):
+            p += 1
+            i += 1
+        elif star_p >= 0:
+            star_i += 1
+            p, i = star_p + 1, star_i
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "**":
+        p += 1
+    return p == len(pattern)
 
 
 def parse_origin(text: str) -> str:

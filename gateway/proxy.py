@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
@@ -16,7 +17,7 @@ from werkzeug.routing import PathConverter
 
 from . import cors, egress
 from .config import GatewayConfig
-from .envelope import EnvelopeSchema, query_params
+from .envelope import EnvelopeSchema, encoded_body, encoded_query
 from .errors import GatewayError
 from .headers import client_headers, readable_codings, response_headers, upstream_headers
 from .policy import METHODS, Client, PolicyError, normalize_path
@@ -225,7 +226,7 @@ def _read_envelope() -> dict:
         raise GatewayError("invalid_json", "Send the envelope with Content-Type: application/json.")
     body = _read_body()
     try:
-        data = json.loads(body, parse_constant=_refuse_constant)
+        data = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
     except (ValueError, RecursionError):
         raise GatewayError("invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -233,13 +234,22 @@ def _read_envelope() -> dict:
     try:
         return _envelope_schema.load(data)
     except ValidationError as exc:
-        raise GatewayError(
-            "invalid_envelope", "The envelope has invalid fields.", fields=exc.messages
-        ) from None
+        raise _invalid_envelope(exc) from None
+
+
+def _invalid_envelope(exc: ValidationError) -> GatewayError:
+    return GatewayError("invalid_envelope", "The envelope has invalid fields.", fields=exc.messages)
 
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e99999: Python reads it as inf, which is not JSON
+        raise ValueError("a number too large for JSON")
+    return value
 
 
 def _outgoing_headers(client: Client, headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -261,19 +271,32 @@ def envelope():
     path = _allowed_path(client, env["method"], env["path"])
     headers = list(env.get("headers", {}).items())
     body = None
-    if env.get("body") is not None:
-        body = json.dumps(env["body"], separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        query = encoded_query(env.get("query", {}))
+        if env.get("body") is not None:
+            body = encoded_body(env["body"])
+    except ValidationError as exc:
+        raise _invalid_envelope(exc) from None
+    if body is not None:
+        _refuse_body_on(env["method"])
         if not any(k.lower() == "content-type" for k, _ in headers):
             headers.append(("Content-Type", "application/json"))
     call = Call(
         client=client,
         method=env["method"],
         path=path,
-        query=urlencode(query_params(env.get("query", {}))),
+        query=query,
         headers=_outgoing_headers(client, headers),
         body=body,
     )
     return _forward(call)
+
+
+def _refuse_body_on(method: str) -> None:
+    # Upstreams that ignore a body on these methods would read it as the next
+    # request on a shared upstream connection.
+    if method in ("GET", "HEAD", "OPTIONS"):
+        raise GatewayError("body_not_allowed", f"A {method} request cannot carry a body.")
 
 
 def _raw_subpath() -> str:
@@ -301,6 +324,8 @@ def transparent(rest: str):
     client = _authenticate()
     path = _allowed_path(client, request.method, _raw_subpath())
     body = _read_body() or None
+    if body is not None:
+        _refuse_body_on(request.method)
     call = Call(
         client=client,
         method=request.method,

@@ -80,6 +80,7 @@ def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
     """Return the test config against a real upstream, plus slow, dead, SDK and browser clients."""
     config = base_config(upstream_url + "/v1")
     config["bodyTimeoutMs"] = 2000
+    config["writeTimeoutMs"] = 3000
     config["targets"]["dead"] = {"baseUrl": dead_url}
     config["targets"]["anthropic"] = {"baseUrl": upstream_url}
     config["clients"][ANTHROPIC_KEY] = {
