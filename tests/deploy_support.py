@@ -49,13 +49,13 @@ def need(program: str, package: str) -> str:
 
 
 def wait_for(url: str, timeout: float, what: str, log: Path | None = None) -> None:
-    """Wait until ``url`` answers at all (any status)."""
+    """Wait until ``url`` answers at all (any status); the first answer may start an app."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            requests.get(url, timeout=2)
+            requests.get(url, timeout=max(1.0, deadline - time.monotonic()))
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             time.sleep(0.1)
     details = log.read_text(errors="replace") if log and log.exists() else ""
     raise AssertionError(f"{what} did not come up at {url}\n{details}")
