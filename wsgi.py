@@ -1,5 +1,13 @@
 """WSGI entry point for gunicorn (``wsgi:app``), Passenger and mod_wsgi (``application``)."""
 
 from gateway import create_app
+from gateway.config import ConfigError
+from gateway.errors import config_invalid_app
 
-app = application = create_app()
+try:
+    app = application = create_app()
+except ConfigError as exc:
+    # Passenger and mod_wsgi would show their own HTML error page for an import
+    # error: answer in the gateway's JSON shape instead. gunicorn checks the config
+    # before it starts (gunicorn.conf.py) and never serves this at start.
+    app = application = config_invalid_app(exc.problems)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import traceback
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import Any, NamedTuple
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-__all__ = ["CODES", "GatewayError", "error_body", "init_app", "markdown_table"]
+__all__ = [
+    "CODES",
+    "GatewayError",
+    "config_invalid_app",
+    "error_body",
+    "init_app",
+    "markdown_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,11 @@ CODES: dict[str, Code] = {
     "upstream_error": Code(502, "the upstream closed the connection or sent a broken response"),
     "secret_in_response": Code(
         502, "the upstream's answer held a configured secret; nothing of it was sent"
+    ),
+    "config_invalid": Code(
+        503,
+        "the config is broken: under Passenger, every call until it is fixed "
+        "(gunicorn does not start instead); the error log lists the problems",
     ),
     "upstream_timeout": Code(504, "connect or read timeout before the response started"),
 }
@@ -102,6 +118,35 @@ def markdown_table() -> str:
     for code, (status, meaning) in sorted(CODES.items(), key=lambda item: item[1].status):
         rows.append(f"| {status} | `{code}` | {meaning} |")
     return "\n".join(rows)
+
+
+def config_invalid_app(problems: list[str]) -> Callable[..., Iterable[bytes]]:
+    """Return a WSGI app that answers every request ``503 config_invalid``; log ``problems``.
+
+    For servers that import the app on the first request (Passenger, mod_wsgi):
+    an import error there becomes the server's own HTML error page, which no API
+    client can read. The problems go to stderr, the server's error log.
+    """
+    print(f"gateway: the config has {len(problems)} problem(s):", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    print("gateway: answering 503 config_invalid until it is fixed", file=sys.stderr, flush=True)
+    body = json.dumps(
+        error_body(
+            "config_invalid",
+            "The gateway's config is invalid; its error log lists the problems.",
+        )
+    ).encode()
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+
+    status = CODES["config_invalid"].status
+    status_line = f"{status} {HTTPStatus(status).phrase}"
+
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        start_response(status_line, headers)
+        return [body]
+
+    return app
 
 
 def _gateway_error(exc: GatewayError):

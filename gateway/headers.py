@@ -141,11 +141,33 @@ def readable_codings(accept_encoding: str | None, readable: tuple[str, ...]) -> 
     return ", ".join(kept) or "identity"
 
 
+def _is_event_stream(headers: list[tuple[str, str]]) -> bool:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.split(";", 1)[0].strip().lower() == "text/event-stream"
+    return False
+
+
+def _stream_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Ask proxies in front not to hold back or recompress an event stream.
+
+    nginx buffers a proxied response unless ``X-Accel-Buffering: no``; caches,
+    CDNs and Apache's proxy filters leave a ``no-transform`` response unchanged.
+    The upstream's own Cache-Control directives are kept.
+    """
+    cache = [v for k, v in headers if k.lower() == "cache-control"]
+    rest = [(k, v) for k, v in headers if k.lower() not in ("cache-control", "x-accel-buffering")]
+    directives = ", ".join(cache)
+    if "no-transform" not in directives.lower():
+        directives = f"{directives}, no-transform" if directives else "no-transform"
+    return [*rest, ("Cache-Control", directives), ("X-Accel-Buffering", "no")]
+
+
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Return the upstream response headers that go back to the client."""
     headers = list(headers)
     hop = connection_names(headers)
-    return [
+    passed = [
         (k, v)
         for k, v in headers
         if not (
@@ -157,3 +179,4 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
             or not _SAFE_VALUE.fullmatch(v)
         )
     ]
+    return _stream_headers(passed) if _is_event_stream(passed) else passed

@@ -59,8 +59,8 @@ class LiveGateway:
                     # Every worker must be up, not just the first one.
                     if len(self.worker_pids()) >= int(self.env["GATEWAY_WORKERS"]):
                         return self
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or a worker still booting on a busy machine
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"gunicorn did not come up:\n{self.log_path.read_text()}")

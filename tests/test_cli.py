@@ -75,7 +75,8 @@ def test_flask_cli_accepts_a_valid_config(tmp_path):
     [
         ("-m", "flask", "--app", "gateway", "run", "--port", "0"),
         ("-m", "flask", "--app", "gateway", "routes"),
-        ("-c", "import wsgi"),
+        # wsgi.py itself answers 503 config_invalid instead (tests/test_deploy_wsgi.py).
+        ("-c", "from gateway import create_app; create_app()"),
     ],
 )
 def test_every_loader_refuses_a_broken_config_with_the_problem_list(tmp_path, args):
