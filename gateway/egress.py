@@ -8,6 +8,7 @@ be the start of a secret (never the end of an SSE event), and raises
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import zlib
 from collections.abc import Iterable, Iterator
@@ -91,6 +92,11 @@ class SecretScanner:
         self._tail = window[len(window) - held :] if held else b""
         return held
 
+    @property
+    def held(self) -> int:
+        """How many bytes at the end of the text so far could begin a secret."""
+        return len(self._tail)
+
 
 def _partial_suffix(data: bytes, secrets: tuple[bytes, ...]) -> int:
     """Return the length of the longest end of ``data`` that is a start of a secret."""
@@ -129,16 +135,19 @@ def scan_body(
                 out = data[: len(data) - held]
             else:
                 try:
-                    held = scanner.feed(decoder.decompress(chunk))
+                    for text in decoder.pieces(chunk):
+                        scanner.feed(text)
                 except zlib.error:
-                    held = 0  # not valid: the client's decoder fails on it as well
+                    pass  # not valid: the client's decoder fails on it as well
+                held = scanner.held
                 # Encoded bytes cannot be split where the text is: hold whole chunks.
                 data = pending + chunk
                 pending, out = (data, b"") if held else (b"", data)
             if out:
                 yield out
         if decoder is not None:
-            scanner.feed(decoder.flush())
+            with contextlib.suppress(zlib.error):
+                scanner.feed(decoder.flush())
         if pending:
             yield pending
     finally:
@@ -152,10 +161,42 @@ def _decoder(coding: str | None):
     if coding in ("", "identity"):
         return None
     if coding == "gzip":
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return _Gzip()
     if coding == "deflate":
         return _Deflate()
     raise UnreadableEncoding(coding)
+
+
+# Decoded text is scanned in pieces of at most this size, so a small compressed
+# chunk that inflates to gigabytes (a zip bomb) never sits in memory at once.
+_PIECE = 1024 * 1024
+
+
+def _inflate(inner, data: bytes) -> Iterator[bytes]:
+    while data:
+        out = inner.decompress(data, _PIECE)
+        if out:
+            yield out
+        data = inner.unconsumed_tail
+        if not out and not data:
+            return
+
+
+class _Gzip:
+    """gzip, with every member of a multi-member body (clients decode them all)."""
+
+    def __init__(self) -> None:
+        self._inner = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        yield from _inflate(self._inner, data)
+        while self._inner.eof and self._inner.unused_data:
+            rest = self._inner.unused_data
+            self._inner = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            yield from _inflate(self._inner, rest)
+
+    def flush(self) -> bytes:
+        return self._inner.flush()
 
 
 class _Deflate:
@@ -165,16 +206,16 @@ class _Deflate:
         self._inner = None
         self._start = b""
 
-    def decompress(self, data: bytes) -> bytes:
+    def pieces(self, data: bytes) -> Iterator[bytes]:
         if self._inner is None:
             self._start += data
             if len(self._start) < 2:
-                return b""
+                return
             header = self._start[:2]
             zlib_header = (header[0] & 0x0F) == 8 and int.from_bytes(header, "big") % 31 == 0
             self._inner = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
             data, self._start = self._start, b""
-        return self._inner.decompress(data)
+        yield from _inflate(self._inner, data)
 
     def flush(self) -> bytes:
         if self._inner is None:

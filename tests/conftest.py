@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import pytest
 import responses
+from flask.testing import FlaskClient
 
 from gateway import create_app
 
-from .support import CANARIES, base_config, write_config
+from .support import CANARIES, assert_no_canary, base_config, write_config
 
 
 @pytest.fixture
 def config_dict() -> dict:
     return base_config()
+
+
+class CanaryCheckingClient(FlaskClient):
+    """A test client that fails the test if any answer carries a canary secret."""
+
+    def open(self, *args, **kwargs):
+        response = super().open(*args, **kwargs)
+        assert_no_canary(response.get_data() + str(response.headers).encode())
+        return response
 
 
 @pytest.fixture
@@ -24,6 +34,7 @@ def app(tmp_path, config_dict):
             "GATEWAY_ENVIRON": dict(CANARIES),
         }
     )
+    app.test_client_class = CanaryCheckingClient
     yield app
 
 

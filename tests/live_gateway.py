@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import requests
+
+from .support import CANARIES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,11 +25,85 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class CanaryRelay:
+    """A TCP relay in front of the gateway that reads every byte it sends to clients.
+
+    Tests talk to the relay, so every response of the whole session (SDK and
+    browser calls included) is checked for the canary secrets, not only the
+    responses a test looks at. It passes bytes as they come (streams stay
+    streams), keeps back-pressure (a client that stops reading stalls the
+    gateway's send), and passes a reset on as a reset.
+    """
+
+    def __init__(self, target_port: int, secrets: list[bytes]) -> None:
+        self.target_port = target_port
+        self.secrets = secrets
+        self.leaks: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.port = self._listener.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            _reset(client)
+            return
+        with self._lock:
+            self._open.update((client, server))
+        threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+        self._pump(server, client, True)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, scan: bool) -> None:
+        longest = max((len(s) for s in self.secrets), default=1)
+        tail = b""
+        try:
+            while data := source.recv(65536):
+                if scan:
+                    window = tail + data
+                    self.leaks += [s.decode() for s in self.secrets if s in window]
+                    tail = window[-(longest - 1) :] if longest > 1 else b""
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            _reset(sink)  # a reset (or a dead peer) on one side is a reset on the other
+            _reset(source)
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for sock in self._open:
+                _reset(sock)
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
+
+
 class LiveGateway:
-    """gunicorn serving ``wsgi:app`` on a free loopback port, logs kept in a file."""
+    """gunicorn serving ``wsgi:app`` on a free loopback port, logs kept in a file.
+
+    ``url`` and ``port`` are a CanaryRelay's: every answer is checked for secrets.
+    """
 
     def __init__(self, config_path: str, env: dict[str, str], log_path: Path, **settings) -> None:
-        self.port = free_port()
+        self.gunicorn_port = free_port()
+        self.relay = CanaryRelay(self.gunicorn_port, [v.encode() for v in CANARIES.values()])
+        self.port = self.relay.port
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.env = {
@@ -33,7 +111,7 @@ class LiveGateway:
             **env,
             "GATEWAY_CONFIG": config_path,
             "GATEWAY_ENV_FILE": os.devnull,
-            "GATEWAY_BIND": f"127.0.0.1:{self.port}",
+            "GATEWAY_BIND": f"127.0.0.1:{self.gunicorn_port}",
             "GATEWAY_WORKERS": str(settings.get("workers", 2)),
             "GATEWAY_LOG_LEVEL": "info",
         }
@@ -94,3 +172,5 @@ class LiveGateway:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        self.relay.close()
+        assert not self.relay.leaks, f"a response carried a secret: {set(self.relay.leaks)}"

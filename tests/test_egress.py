@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import time
 import zlib
 from urllib.parse import parse_qsl
 
@@ -73,6 +74,24 @@ def test_encoded_bodies_are_scanned_and_passed_as_they_are(encode):
     assert was_cut and len(sent) < len(dirty)
     if sent:
         assert SECRET not in zlib.decompressobj(47 if coding == "gzip" else 15).decompress(sent)
+
+
+def test_a_secret_in_a_later_gzip_member_is_found():
+    body = gzip.compress(b"clean " * 100) + gzip.compress(b"key=" + SECRET)
+    assert gzip.decompress(body).endswith(SECRET)  # what a client would read
+    assert _run([body[:40], body[40:]], "gzip")[1]
+
+
+def test_a_gzip_bomb_is_scanned_in_bounded_memory():
+    import tracemalloc
+
+    bomb = gzip.compress(b"\0" * (200 * 1024 * 1024) + SECRET, compresslevel=9)
+    tracemalloc.start()
+    sent, was_cut = _run([bomb[i : i + 65536] for i in range(0, len(bomb), 65536)], "gzip")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert was_cut
+    assert peak < 20 * 1024 * 1024  # 200 MB decoded, never at once
 
 
 def test_the_json_escaped_form_of_a_secret_is_found():
@@ -201,3 +220,29 @@ def test_every_block_is_logged_without_the_value(gateway):
     assert "egress guard: a secret in the response header X-Echo-Authorization" in log
     assert "egress guard: a secret in the response body (before it was sent)" in log
     assert_no_canary(log)
+
+
+def test_the_relay_that_checks_every_live_answer_catches_a_split_secret():
+    import socket
+    import threading
+
+    from .live_gateway import CanaryRelay
+
+    secret = CANARIES["CANARY_OPENAI"].encode()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = server.accept()
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + secret[:5])
+        time.sleep(0.1)
+        conn.sendall(secret[5:])
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    relay = CanaryRelay(server.getsockname()[1], [secret])
+    with socket.create_connection(("127.0.0.1", relay.port)) as sock:
+        while sock.recv(65536):
+            pass
+    relay.close()
+    server.close()
+    assert relay.leaks == [secret.decode()]
