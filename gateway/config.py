@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +16,7 @@ from dotenv import dotenv_values
 from flask import Flask
 from werkzeug.http import is_hop_by_hop_header
 
+from . import tls
 from .config_schema import checked_part
 from .egress import guarded_variants
 from .headers import check_header
@@ -42,7 +43,7 @@ class ConfigError(click.ClickException):
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """A validated config: the clients by key digest, and the limits."""
+    """A validated config: the clients by key digest, the limits, and what to warn about."""
 
     targets: Mapping[str, Target]
     clients: Mapping[bytes, Client]
@@ -51,6 +52,7 @@ class GatewayConfig:
     body_timeout: float = 30.0
     write_timeout: float = 60.0
     guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
+    warnings: tuple[str, ...] = ()
 
     def client_for(self, key: str) -> Client | None:
         """Return the client whose key is ``key``, or None."""
@@ -97,6 +99,42 @@ def _check_base_url(where: str, url: str, problems: list[str]) -> None:
         problems.append(f"{where}: must be an http or https URL such as https://api.example.com/v1")
     elif parts.username or parts.password or parts.query or parts.fragment:
         problems.append(f"{where}: must not hold credentials, a query or a fragment")
+
+
+_TLS_FIELDS = {"caBundle": "ca_bundle", "clientCert": "client_cert", "clientKey": "client_key"}
+
+
+def _check_tls(
+    where: str, spec: dict[str, Any], base_dir: Path, problems: list[str], warnings: list[str]
+) -> dict[str, str]:
+    """Check a target's TLS files; return them as Target fields, with absolute paths."""
+    paths = {key: (base_dir / spec[key]).absolute() for key in _TLS_FIELDS if key in spec}
+    if not paths:
+        return {}
+    before = len(problems)
+    if "baseUrl" in spec and urlsplit(spec["baseUrl"]).scheme != "https":
+        for key in paths:
+            problems.append(f"{where}.{key}: applies only to an https baseUrl")
+        return {}
+    if "clientKey" in paths and "clientCert" not in paths:
+        problems.append(f"{where}.clientKey: needs clientCert, the certificate it belongs to")
+    if "caBundle" in paths:
+        problem = tls.ca_bundle_problem(paths["caBundle"])
+        if problem:
+            problems.append(
+                f"{where}.caBundle: {paths['caBundle']}: {problem}; write the path of a PEM "
+                "file with the CA certificate(s), relative to the config file"
+            )
+    if "clientCert" in paths:
+        key = paths.get("clientKey")
+        for field, problem in tls.client_cert_problems(paths["clientCert"], key):
+            problems.append(f"{where}.{field}: {paths[field]}: {problem}")
+        warning = tls.key_file_warning(key or paths["clientCert"])
+        if warning:
+            warnings.append(f"{where}.{'clientKey' if key else 'clientCert'}: {warning}")
+    if len(problems) > before:
+        return {}
+    return {_TLS_FIELDS[key]: str(path) for key, path in paths.items()}
 
 
 def _build_client(
@@ -174,11 +212,17 @@ def _build_client(
     )
 
 
-def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
-    """Validate ``raw`` (the parsed YAML) and resolve secrets from ``env``."""
+def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None) -> GatewayConfig:
+    """Validate ``raw`` (the parsed YAML) and resolve secrets from ``env``.
+
+    Relative file paths in it are relative to ``base_dir`` (the config file's
+    folder; the working directory if None).
+    """
+    base_dir = base_dir or Path()
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping with targets, secrets and clients"])
     problems: list[str] = []
+    warnings: list[str] = []
     clients_raw = raw.get("clients")
     labels = (
         {key: f"client#{i + 1}" for i, key in enumerate(clients_raw)}
@@ -197,6 +241,9 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
         where = f"targets.{name}"
         if "baseUrl" in spec:
             _check_base_url(f"{where}.baseUrl", spec["baseUrl"], problems)
+            warning = tls.plain_http_warning(spec["baseUrl"])
+            if warning:
+                warnings.append(f"{where}.baseUrl: {warning}")
         defaults = spec.get("defaultHeaders", {})
         _check_headers(f"{where}.defaultHeaders", defaults, problems)
         for header in defaults:
@@ -204,7 +251,10 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
                 problems.append(
                     f"{where}.defaultHeaders.{header}: the gateway sets this header itself"
                 )
-        targets[name] = Target(name, spec.get("baseUrl", "").rstrip("/"), tuple(defaults.items()))
+        tls_files = _check_tls(where, spec, base_dir, problems, warnings)
+        targets[name] = Target(
+            name, spec.get("baseUrl", "").rstrip("/"), tuple(defaults.items()), **tls_files
+        )
 
     secrets = {
         name: _resolve(name, raw_value, env, problems)
@@ -231,6 +281,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
         body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
         write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
         guarded=guarded_variants(guarded) if data.get("egressGuard", True) else (),
+        warnings=tuple(warnings),
     )
 
 
@@ -282,11 +333,12 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> Gateway
     except RecursionError:
         raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
     try:
-        return parse_config(raw, env)
+        config = parse_config(raw, env, path.parent)
     except ConfigError as exc:
         raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
     except RecursionError:
         raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
+    return replace(config, warnings=tuple(f"{path}: {w}" for w in config.warnings))
 
 
 def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:

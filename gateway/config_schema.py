@@ -20,6 +20,9 @@ def _non_empty(hint: str) -> validate.Length:
 class TargetSchema(Schema):
     baseUrl = fields.String(required=True, error_messages=_REQUIRED)
     defaultHeaders = fields.Dict(keys=fields.String(), values=fields.String())
+    caBundle = fields.String(validate=_non_empty("write the path of a PEM file"))
+    clientCert = fields.String(validate=_non_empty("write the path of a PEM file"))
+    clientKey = fields.String(validate=_non_empty("write the path of a PEM file"))
 
 
 class ClientSchema(Schema):

@@ -59,6 +59,9 @@ CODES: dict[str, Code] = {
     "not_implemented": Code(501, "a transfer coding gunicorn does not support"),
     "upstream_unreachable": Code(502, "could not connect to the upstream"),
     "upstream_error": Code(502, "the upstream closed the connection or sent a broken response"),
+    "upstream_tls_error": Code(
+        502, "the upstream's TLS certificate could not be verified, or the TLS handshake failed"
+    ),
     "secret_in_response": Code(
         502, "the upstream's answer held a configured secret; nothing of it was sent"
     ),

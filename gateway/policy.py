@@ -177,11 +177,19 @@ def parse_origin(text: str) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """An upstream API: where calls go and the headers every call carries."""
+    """An upstream API: where calls go, the headers every call carries, what TLS it trusts.
+
+    The TLS paths are absolute: ``ca_bundle`` replaces the default trust store for
+    this target only; ``client_cert`` (with ``client_key``, unless the key is in
+    the same file) is presented to upstreams that require mutual TLS.
+    """
 
     name: str
     base_url: str
     default_headers: tuple[tuple[str, str], ...] = ()
+    ca_bundle: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import urllib3
 from flask import Flask
 from requests.adapters import HTTPAdapter
 
+from . import tls
 from .errors import GatewayError
 from .policy import Client
 
@@ -105,14 +106,20 @@ class Upstream:
         prepared.prepare_url(url, None)
         prepared.prepare_headers(call.headers)
         prepared.prepare_body(call.body, None)
+        verify, cert = tls.send_settings(client.target)
         try:
             return self.session.get_adapter(url).send(
                 prepared,
                 stream=True,
                 timeout=(client.connect_timeout, client.read_timeout),
-                verify=True,
+                verify=verify,
+                cert=cert,
                 proxies={},
             )
+        except requests.exceptions.SSLError as exc:
+            failure = tls.classify(exc)
+            log.warning("%s: upstream %s TLS failed: %s", client.label, client.target.name, failure)
+            raise _tls_error() from None
         except requests.exceptions.Timeout:
             log.warning("%s: upstream %s timed out", client.label, client.target.name)
             raise _timeout() from None
@@ -127,10 +134,27 @@ class Upstream:
         except requests.exceptions.RequestException:
             log.warning("%s: upstream %s call failed", client.label, client.target.name)
             raise _broken() from None
+        except OSError:
+            # requests checks the target's TLS files exist before each send: one
+            # removed since the config was checked lands here.
+            log.warning(
+                "%s: upstream %s TLS failed: its CA bundle or client certificate file is missing",
+                client.label,
+                client.target.name,
+            )
+            raise _tls_error() from None
 
 
 def _timeout() -> GatewayError:
     return GatewayError("upstream_timeout", "The upstream did not answer in time.")
+
+
+def _tls_error() -> GatewayError:
+    return GatewayError(
+        "upstream_tls_error",
+        "The gateway could not set up a trusted TLS connection to the upstream "
+        "(certificate or handshake); the gateway's log says why.",
+    )
 
 
 def _broken() -> GatewayError:
