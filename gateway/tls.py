@@ -99,9 +99,17 @@ def classify(exc: BaseException) -> TLSFailure:
         if isinstance(cause, CertificateError):  # urllib3's own host name check
             return TLSFailure("name mismatch", "")
     for cause in causes:
+        if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            # No alert, just a closed connection: e.g. a TLS 1.3 upstream that wants
+            # a client certificate and hangs up while the request is being written.
+            return TLSFailure("handshake", f"the upstream closed the connection, {_name(cause)}")
         if isinstance(cause, ssl.SSLError):
-            return TLSFailure("handshake", cause.reason or type(cause).__name__)
-    return TLSFailure("handshake", type(causes[-1]).__name__)
+            return TLSFailure("handshake", cause.reason or _name(cause))
+    return TLSFailure("handshake", _name(causes[-1]))
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
 
 
 # --- config checks -------------------------------------------------------------
