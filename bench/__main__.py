@@ -3,7 +3,9 @@
     .venv/bin/python -m bench [--runs 3] [--duration 8] [--write]
 
 Starts the fast upstream, the two floors, the gateway, the seed-design peer and nginx
-(if installed), all with the gateway's worker count; measures; stops everything.
+(if installed), all with the gateway's worker count; then the same upstream over HTTPS
+(a certificate from a bench CA) with the forwarding floor and the gateway trusting that
+CA; measures; stops everything.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import psutil
 import requests
+import trustme
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "ck-bench-client-key"
@@ -134,25 +137,41 @@ class Bench:
         self.processes: list[subprocess.Popen] = []
         self.ports = {
             name: free_port()
-            for name in ("upstream", "framework", "forward", "gateway", "peer", "nginx")
+            for name in (
+                "upstream",
+                "framework",
+                "forward",
+                "gateway",
+                "peer",
+                "nginx",
+                "upstream_tls",
+                "forward_tls",
+                "gateway_tls",
+            )
         }
         self.upstream = f"http://127.0.0.1:{self.ports['upstream']}/v1"
+        self.upstream_tls = f"https://127.0.0.1:{self.ports['upstream_tls']}/v1"
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(self.tmp / "ca.pem"))
+        leaf = ca.issue_cert("127.0.0.1")
+        leaf.cert_chain_pems[0].write_to_path(str(self.tmp / "upstream.pem"))
+        leaf.private_key_pem.write_to_path(str(self.tmp / "upstream.key"))
         self.env = {
             **os.environ,
             "BENCH_UPSTREAM": self.upstream,
             "BENCH_SECRET": SECRET,
             "BENCH_KEY": KEY,
             "BENCH_UPSTREAM_KEY": "bench-upstream-secret-placeholder",
-            "GATEWAY_CONFIG": str(self.write_config()),
+            "GATEWAY_CONFIG": str(self.write_config("config.yaml", self.upstream)),
             "GATEWAY_ENV_FILE": os.devnull,
             "GATEWAY_ACCESS_LOG": os.devnull,
             "GATEWAY_LOG_LEVEL": "warning",
         }
 
-    def write_config(self) -> Path:
-        path = self.tmp / "config.yaml"
+    def write_config(self, name: str, upstream: str, tls: str = "") -> Path:
+        path = self.tmp / name
         path.write_text(
-            f"targets:\n  bench: {{baseUrl: '{self.upstream}'}}\n"
+            f"targets:\n  bench: {{baseUrl: '{upstream}'{tls}}}\n"
             "secrets:\n  bench: Bearer ${BENCH_UPSTREAM_KEY}\n"
             f"clients:\n  {KEY}:\n    target: bench\n    authHeaderRef: bench\n"
             "    allowedMethods: [GET, POST]\n"
@@ -161,16 +180,18 @@ class Bench:
         )
         return path
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def start(
+        self, name: str, command: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
-            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
         )
         self.processes.append(process)
         wait_for(self.ports[name])
         return process
 
-    def gunicorn(self, name: str, app: str) -> subprocess.Popen:
+    def gunicorn(self, name: str, app: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         return self.start(
             name,
             [
@@ -183,6 +204,7 @@ class Bench:
                 f"127.0.0.1:{self.ports[name]}",
                 app,
             ],
+            env,
         )
 
     def nginx(self) -> subprocess.Popen | None:
@@ -215,6 +237,30 @@ http {{
             "nginx", ["nginx", "-p", str(self.tmp), "-c", str(conf), "-g", "daemon off;"]
         )
 
+    def start_tls(self) -> None:
+        """Start the upstream over HTTPS, and a floor and a gateway that trust its CA."""
+        ca = str(self.tmp / "ca.pem")
+        self.started["upstream_tls"] = self.start(
+            "upstream_tls",
+            [
+                sys.executable,
+                "-m",
+                "bench.upstream",
+                str(self.ports["upstream_tls"]),
+                str(self.tmp / "upstream.pem"),
+                str(self.tmp / "upstream.key"),
+            ],
+        )
+        self.started["forward_tls"] = self.gunicorn(
+            "forward_tls",
+            "bench.floors:forward_app",
+            {"BENCH_UPSTREAM": self.upstream_tls, "BENCH_CA": ca},
+        )
+        config = self.write_config("config-tls.yaml", self.upstream_tls, f", caBundle: '{ca}'")
+        self.started["gateway_tls"] = self.gunicorn(
+            "gateway_tls", "wsgi:app", {"GATEWAY_CONFIG": str(config)}
+        )
+
     def stop(self) -> None:
         for process in self.processes:
             process.terminate()
@@ -244,7 +290,16 @@ http {{
             systems.append(
                 System("nginx proxy_pass", f"http://127.0.0.1:{p['nginx']}/proxy/models", False)
             )
-        return systems
+        return systems + [
+            System("TLS: upstream, direct", f"{self.upstream_tls}/models", False),
+            System("TLS: forwarding floor", f"http://127.0.0.1:{p['forward_tls']}/proxy", True),
+            System("TLS: gateway, envelope", f"http://127.0.0.1:{p['gateway_tls']}/proxy", True),
+            System(
+                "TLS: gateway, transparent",
+                f"http://127.0.0.1:{p['gateway_tls']}/proxy/models",
+                False,
+            ),
+        ]
 
     def throughput(self, systems: list[System]) -> None:
         for system in systems:  # warm-up: pools, imports, JIT-free but cache-warm
@@ -335,6 +390,36 @@ http {{
             "growth": (peak - baseline) / MB,
         }
 
+    def run_tls(self) -> str:
+        """Measure only the forwarding floor and the gateway, over plain http and over TLS."""
+        self.started = {}
+        try:
+            self.started["upstream"] = self.start(
+                "upstream", [sys.executable, "-m", "bench.upstream", str(self.ports["upstream"])]
+            )
+            self.started["forward"] = self.gunicorn("forward", "bench.floors:forward_app")
+            self.started["gateway"] = self.gunicorn("gateway", "wsgi:app")
+            self.start_tls()
+            self.check("forward", "gateway", "forward_tls", "gateway_tls")
+            names = ("upstream", "forwarding floor", "gateway, envelope", "TLS:")
+            systems = [s for s in self.systems() if any(n in s.name for n in names)]
+            print("throughput and latency...", file=sys.stderr)
+            self.throughput(systems)
+        finally:
+            self.stop()
+        return tls_report(self.args, systems)
+
+    def check(self, *names: str) -> None:
+        """Fail early unless each named server forwards one envelope call."""
+        for name in names:
+            check = requests.post(
+                f"http://127.0.0.1:{self.ports[name]}/proxy",
+                data=ENVELOPE,
+                timeout=10,
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            )
+            check.raise_for_status()
+
     def run(self) -> str:
         self.started = {}
         try:
@@ -365,13 +450,8 @@ http {{
             nginx = self.nginx()
             if nginx is not None:
                 self.started["nginx"] = nginx
-            check = requests.post(
-                f"http://127.0.0.1:{self.ports['gateway']}/proxy",
-                data=ENVELOPE,
-                timeout=10,
-                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
-            )
-            check.raise_for_status()
+            self.start_tls()
+            self.check("gateway", "gateway_tls", "forward_tls")
             systems = self.systems()
             print("throughput and latency...", file=sys.stderr)
             self.throughput(systems)
@@ -392,6 +472,58 @@ def _pct(values: list[float], pct: int) -> float:
 
 def _median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def _throughput_table(systems: list[System]) -> list[str]:
+    med = statistics.median
+    lines = [
+        "| system | req/s at 32 conn | p50 / p99 ms at 32 | p50 / p99 ms at 1 | errors |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for s in systems:
+        lines.append(
+            f"| {s.name} | {med(s.rps):,.0f} | {med(s.p50_32):.2f} / {med(s.p99_32):.2f}"
+            f" | {med(s.p50_1):.2f} / {med(s.p99_1):.2f} | {s.errors} |"
+        )
+    return lines
+
+
+def _tls_ratios(by_name: dict[str, System]) -> list[str]:
+    floor = by_name["forwarding floor (Flask + urllib3)"]
+    gateway = by_name["gateway, envelope"]
+    tls_floor = by_name["TLS: forwarding floor"]
+    tls_gateway = by_name["TLS: gateway, envelope"]
+    tls_direct = by_name["TLS: upstream, direct"]
+    added_p50 = statistics.median(
+        a - b for a, b in zip(tls_gateway.p50_1, tls_direct.p50_1, strict=True)
+    )
+    return [
+        "Over TLS (the upstream on HTTPS with a bench CA's certificate; the floor and the",
+        "gateway trust that CA and keep their upstream connections pooled):",
+        "",
+        f"- gateway envelope / forwarding floor, both over TLS: "
+        f"**{_median_ratio(tls_gateway.rps, tls_floor.rps):.2f}x**",
+        f"- gateway transparent / forwarding floor, both over TLS: "
+        f"{_median_ratio(by_name['TLS: gateway, transparent'].rps, tls_floor.rps):.2f}x",
+        f"- over TLS / over plain http: gateway envelope "
+        f"{_median_ratio(tls_gateway.rps, gateway.rps):.2f}x, forwarding floor "
+        f"{_median_ratio(tls_floor.rps, floor.rps):.2f}x",
+        f"- added p50 latency at 1 connection over the direct TLS upstream: envelope "
+        f"**{added_p50:.2f} ms**",
+    ]
+
+
+def tls_report(args, systems: list[System]) -> str:
+    """Return the TLS comparison alone (``--tls-only``), plain http beside it."""
+    return "\n".join(
+        [
+            f"wrk, {args.runs} runs of {args.duration} s per figure, interleaved; medians.",
+            "",
+            *_throughput_table(systems),
+            "",
+            *_tls_ratios({s.name: s for s in systems}),
+        ]
+    )
 
 
 def report(args, systems: list[System], streams: list[dict], big: dict) -> str:
@@ -424,20 +556,17 @@ def report(args, systems: list[System], streams: list[dict], big: dict) -> str:
         "",
         "## Throughput and latency",
         "",
-        "| system | req/s at 32 conn | p50 / p99 ms at 32 | p50 / p99 ms at 1 | errors |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        *_throughput_table(systems),
     ]
-    for s in systems:
-        lines.append(
-            f"| {s.name} | {med(s.rps):,.0f} | {med(s.p50_32):.2f} / {med(s.p99_32):.2f}"
-            f" | {med(s.p50_1):.2f} / {med(s.p99_1):.2f} | {s.errors} |"
-        )
     floor = by_name["forwarding floor (Flask + urllib3)"]
     peer = by_name["seed design (FastAPI + httpx)"]
     transparent = by_name["gateway, transparent"]
     direct = by_name["upstream, direct"]
     vs_peer = _median_ratio(gateway.rps, peer.rps)
     vs_floor = _median_ratio(gateway.rps, floor.rps)
+    vs_floor_tls = _median_ratio(
+        by_name["TLS: gateway, envelope"].rps, by_name["TLS: forwarding floor"].rps
+    )
     added_p50 = med(a - b for a, b in zip(gateway.p50_1, direct.p50_1, strict=True))
     added_p50_transparent = med(a - b for a, b in zip(transparent.p50_1, direct.p50_1, strict=True))
     lines += [
@@ -452,6 +581,8 @@ def report(args, systems: list[System], streams: list[dict], big: dict) -> str:
         f"{_median_ratio(floor.rps, by_name['framework floor (Flask no-op)'].rps):.2f}x",
         f"- added p50 latency at 1 connection over the direct upstream: envelope "
         f"**{added_p50:.2f} ms**, transparent {added_p50_transparent:.2f} ms",
+        "",
+        *_tls_ratios(by_name),
         "",
         "## Streams (20 events 100 ms apart each, through the gateway)",
         "",
@@ -485,6 +616,7 @@ def report(args, systems: list[System], streams: list[dict], big: dict) -> str:
     targets = [
         ("throughput vs seed design", vs_peer, 4.0, True, True),
         ("throughput vs forwarding floor", vs_floor, 0.9, True, True),
+        ("throughput vs forwarding floor, over TLS", vs_floor_tls, 0.9, True, True),
         ("added p50 latency at 1 connection (ms)", added_p50, 0.8, False, True),
         (
             f"added p99 stream delay at {top['streams']} streams (ms)",
@@ -513,9 +645,17 @@ def main() -> None:
     )
     parser.add_argument("--big-mb", type=int, default=100)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    parser.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="measure only the floor and the gateway over http and TLS, and print it",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install wrk (and nginx for the ceiling)")
+    if args.tls_only:
+        print(Bench(args).run_tls())
+        return
     table = Bench(args).run()
     print(table)
     if args.write:

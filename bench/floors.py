@@ -3,6 +3,7 @@
 ``framework_app``: a no-op Flask endpoint that parses the same JSON envelope and returns
 a small response. ``forward_app``: parses the envelope and forwards it with a plain
 urllib3 pool, no checks at all: the least any Flask gateway on this stack can cost.
+Over HTTPS, the pool trusts the CA file named by ``BENCH_CA``, as the gateway does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def forward():
     envelope = request.get_json()
     pool = _pool.get(os.getpid())
     if pool is None:  # one pool per worker process, built after fork
-        pool = _pool[os.getpid()] = urllib3.PoolManager(maxsize=1000)
+        pool = _pool[os.getpid()] = urllib3.PoolManager(
+            maxsize=1000, ca_certs=os.environ.get("BENCH_CA")
+        )
     upstream = pool.request(
         envelope.get("method", "GET"),
         os.environ["BENCH_UPSTREAM"] + envelope["path"],

@@ -1,13 +1,15 @@
 """A fast upstream for the benchmark: raw asyncio, keep-alive, three routes.
 
 ``/models`` (small JSON), ``/sse?events=N&interval=S`` (events stamped with their send
-time), ``/big?bytes=N`` (a large body, flow-controlled). Run: ``python -m bench.upstream PORT``.
+time), ``/big?bytes=N`` (a large body, flow-controlled). Run: ``python -m bench.upstream PORT``,
+or ``python -m bench.upstream PORT CERT KEY`` to serve HTTPS with that certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
 import time
 from urllib.parse import parse_qs
@@ -80,13 +82,17 @@ class Upstream(asyncio.Protocol):
             left -= len(piece)
 
 
-async def main(port: int) -> None:
+async def main(port: int, tls: ssl.SSLContext | None) -> None:
     server = await asyncio.get_running_loop().create_server(
-        Upstream, "127.0.0.1", port, backlog=4096
+        Upstream, "127.0.0.1", port, backlog=4096, ssl=tls
     )
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    context = None
+    if len(sys.argv) > 2:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(sys.argv[2], sys.argv[3])
+    asyncio.run(main(int(sys.argv[1]), context))
