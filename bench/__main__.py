@@ -515,13 +515,18 @@ def _tls_ratios(by_name: dict[str, System]) -> list[str]:
 
 def tls_report(args, systems: list[System]) -> str:
     """Return the TLS comparison alone (``--tls-only``), plain http beside it."""
+    by_name = {s.name: s for s in systems}
+    gateway = by_name["gateway, envelope"]
+    floor = by_name["forwarding floor (Flask + urllib3)"]
     return "\n".join(
         [
             f"wrk, {args.runs} runs of {args.duration} s per figure, interleaved; medians.",
             "",
             *_throughput_table(systems),
             "",
-            *_tls_ratios({s.name: s for s in systems}),
+            *_tls_ratios(by_name),
+            f"- beside it, over plain http: gateway envelope / forwarding floor "
+            f"{_median_ratio(gateway.rps, floor.rps):.2f}x",
         ]
     )
 

@@ -14,7 +14,7 @@ import requests
 
 from .live_gateway import ROOT, LiveGateway, free_port
 from .support import CANARIES, assert_no_canary, write_config
-from .tls_upstream import TLSUpstream, make_pki, server_context
+from .tls_upstream import TLSUpstream, make_pki, self_signed_context, server_context
 
 # target name -> (server, config beyond baseUrl); every target gets one client key.
 TARGETS = {
@@ -25,6 +25,7 @@ TARGETS = {
     "expired": ("expired", {"caBundle": "ca.pem"}),
     "mtls": ("mtls", {"caBundle": "ca.pem", "clientCert": "client.pem", "clientKey": "client.key"}),
     "mtls_no_cert": ("mtls", {"caBundle": "ca.pem"}),
+    "self_signed": ("self_signed", {"caBundle": "self-signed.pem"}),
 }
 
 
@@ -43,12 +44,13 @@ def pki(folder):
 
 
 @pytest.fixture(scope="module")
-def servers(pki):
+def servers(pki, folder):
     started = {
         "good": TLSUpstream(server_context(pki, "127.0.0.1", "localhost")),
         "wrong_name": TLSUpstream(server_context(pki, "upstream.example")),
         "expired": TLSUpstream(server_context(pki, "127.0.0.1", expired=True)),
         "mtls": TLSUpstream(server_context(pki, "127.0.0.1", require_client_cert=True)),
+        "self_signed": TLSUpstream(self_signed_context(folder)),
     }
     for server in started.values():
         server.start()
@@ -166,6 +168,12 @@ def test_a_burst_opens_at_most_one_tls_connection_per_concurrent_call(tls_gatewa
     assert good.handshakes - before <= concurrency
 
 
+def test_a_self_signed_upstream_is_trusted_through_its_own_certificate(tls_gateway, servers):
+    response = requests.get(tls_gateway.url + "/proxy/echo", headers=key("self_signed"), timeout=10)
+    assert response.status_code == 200, response.text
+    assert servers["self_signed"].handshakes == 1
+
+
 def test_mutual_tls_presents_the_client_certificate(tls_gateway, servers):
     response = requests.get(tls_gateway.url + "/proxy/echo", headers=key("mtls"), timeout=10)
     assert response.status_code == 200, response.text
@@ -252,6 +260,7 @@ def test_probe_reports_each_target_and_sends_no_request(folder, servers, pki):
     lines = dict(line.strip().split(": ", 1) for line in out.split("probe:")[1].splitlines()[1:])
     assert lines["private"] == "TLS handshake OK"
     assert lines["mtls"] == "TLS handshake OK"
+    assert lines["self_signed"] == "TLS handshake OK"
     assert lines["other_ca"].startswith("TLS failed: unknown issuer")
     assert lines["default_store"].startswith("TLS failed: unknown issuer")
     assert lines["wrong_name"].startswith("TLS failed: name mismatch")

@@ -7,12 +7,17 @@ one connection per call.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from .fake_upstream import FakeUpstream
 
@@ -65,6 +70,42 @@ def server_context(
     if require_client_cert:
         context.verify_mode = ssl.CERT_REQUIRED
         pki.ca.configure_trust(context)
+    return context
+
+
+def self_signed_context(folder: Path) -> ssl.SSLContext:
+    """Return a server context with a self-signed, non-CA certificate for 127.0.0.1.
+
+    The certificate is written to ``folder / "self-signed.pem"``, for a caBundle.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "self-signed.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with trustme.Blob(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    ).tempfile() as key_file:
+        context.load_cert_chain(folder / "self-signed.pem", key_file)
     return context
 
 
