@@ -121,6 +121,7 @@ def test_private_ca_target_forwards_and_adds_the_secret(tls_gateway, servers):
     seen = servers["good"].last("/v1/echo")
     assert seen.headers["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
     assert seen.body == b'{"q":1}'
+    assert_no_canary(response.content)
 
 
 def test_sequential_calls_and_streams_reuse_one_tls_connection(tls_gateway, servers):
