@@ -20,6 +20,8 @@ from . import tls
 from .config_schema import checked_part
 from .egress import guarded_variants
 from .headers import check_header
+from .limits import LimitSet, parse_rate
+from .llm import ModelPattern
 from .policy import METHODS, Client, PathPattern, PolicyError, Target, key_digest, parse_origin
 
 __all__ = ["ConfigError", "GatewayConfig", "environment", "init_app", "load_config", "parse_config"]
@@ -53,6 +55,8 @@ class GatewayConfig:
     write_timeout: float = 60.0
     guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
     warnings: tuple[str, ...] = ()
+    limit_storage: str = "sqlite"  # where limit counters live (limit_store.open_store)
+    fail_open: bool = False  # let limited calls through when the storage is unreachable
 
     def client_for(self, key: str) -> Client | None:
         """Return the client whose key is ``key``, or None."""
@@ -209,6 +213,27 @@ def _build_client(
         origins=frozenset(origins),
         read_timeout=spec.get("timeoutMs", 30_000) / 1000,
         connect_timeout=spec.get("connectTimeoutMs", 5_000) / 1000,
+        limits=_limit_set(spec.get("limits", {})),
+        models=tuple(ModelPattern.compile(text) for text in spec.get("allowedModels", [])),
+        max_tokens=spec.get("maxTokens"),
+    )
+
+
+def _limit_set(spec: dict[str, Any]) -> LimitSet:
+    """Return the limits of a ``limits:`` entry (its rates were checked by the schema)."""
+    return LimitSet(
+        requests=tuple(parse_rate(text) for text in spec.get("requests", [])),
+        concurrent=spec.get("concurrent"),
+        tokens=tuple(parse_rate(text) for text in spec.get("tokens", [])),
+    )
+
+
+def _check_storage(url: str, problems: list[str]) -> None:
+    if url == "sqlite" or url.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
+        return
+    problems.append(
+        "limits.storage: write sqlite (a file in the instance folder), "
+        "sqlite:////absolute/path.sqlite3, or redis://host:6379/0"
     )
 
 
@@ -253,7 +278,12 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
                 )
         tls_files = _check_tls(where, spec, base_dir, problems, warnings)
         targets[name] = Target(
-            name, spec.get("baseUrl", "").rstrip("/"), tuple(defaults.items()), **tls_files
+            name,
+            spec.get("baseUrl", "").rstrip("/"),
+            tuple(defaults.items()),
+            **tls_files,
+            limits=_limit_set(spec.get("limits", {})),
+            inject_usage=spec.get("injectUsage", True),
         )
 
     secrets = {
@@ -265,6 +295,8 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
     guarded = [value for value in secrets.values() if value is not None]
     for raw_value in data.get("secrets", {}).values():
         guarded += [env[var] for var in _VAR.findall(raw_value) if var in env]
+    storage = data.get("limits", {}).get("storage", "sqlite")
+    _check_storage(storage, problems)
     clients: dict[bytes, Client] = {}
     for key, spec in data.get("clients", {}).items():
         known_targets = targets if "targets" in data else None
@@ -282,6 +314,8 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
         guarded=guarded_variants(guarded) if data.get("egressGuard", True) else (),
         warnings=tuple(warnings),
+        limit_storage=storage,
+        fail_open=data.get("limits", {}).get("failOpen", False),
     )
 
 

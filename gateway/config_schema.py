@@ -6,7 +6,9 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+from .limits import parse_rate
 
 __all__ = ["ConfigSchema", "ClientSchema", "TargetSchema", "checked_part"]
 
@@ -17,12 +19,32 @@ def _non_empty(hint: str) -> validate.Length:
     return validate.Length(min=1, error=f"must not be empty; {hint}")
 
 
+def _rate(text: str) -> None:
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+class ScopeLimitsSchema(Schema):
+    requests = fields.List(fields.String(validate=_rate))
+    concurrent = fields.Integer(strict=True, validate=validate.Range(1, 1_000_000))
+    tokens = fields.List(fields.String(validate=_rate))
+
+
+class LimitStorageSchema(Schema):
+    storage = fields.String(validate=_non_empty("write sqlite, sqlite:////path or redis://host"))
+    failOpen = fields.Boolean(truthy={True}, falsy={False})
+
+
 class TargetSchema(Schema):
     baseUrl = fields.String(required=True, error_messages=_REQUIRED)
     defaultHeaders = fields.Dict(keys=fields.String(), values=fields.String())
     caBundle = fields.String(validate=_non_empty("write the path of a PEM file"))
     clientCert = fields.String(validate=_non_empty("write the path of a PEM file"))
     clientKey = fields.String(validate=_non_empty("write the path of a PEM file"))
+    limits = fields.Nested(ScopeLimitsSchema)
+    injectUsage = fields.Boolean(truthy={True}, falsy={False})
 
 
 class ClientSchema(Schema):
@@ -45,6 +67,12 @@ class ClientSchema(Schema):
     allowedOrigins = fields.List(fields.String())
     timeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 3_600_000))
     connectTimeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 600_000))
+    limits = fields.Nested(ScopeLimitsSchema)
+    allowedModels = fields.List(
+        fields.String(validate=_non_empty('write a model name, e.g. "openai/gpt-4o-mini"')),
+        validate=_non_empty("leave allowedModels out to allow any model"),
+    )
+    maxTokens = fields.Integer(strict=True, validate=validate.Range(1, 100_000_000))
 
 
 class ConfigSchema(Schema):
@@ -65,6 +93,7 @@ class ConfigSchema(Schema):
     bodyTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
     writeTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
     egressGuard = fields.Boolean(truthy={True}, falsy={False})
+    limits = fields.Nested(LimitStorageSchema)
 
 
 _SECTIONS = {"targets": TargetSchema, "clients": ClientSchema}
@@ -120,7 +149,9 @@ def _flatten(errors: Any, where: str, schema: type[Schema] | None, out: list[str
             elif isinstance(key, int):
                 _flatten(value, f"{where}[{key}]", None, out)
             else:
-                _flatten(value, f"{where}.{key}", schema, out)
+                field = schema._declared_fields.get(key) if schema is not None else None
+                inner = field.schema.__class__ if isinstance(field, fields.Nested) else schema
+                _flatten(value, f"{where}.{key}", inner, out)
         return
     for message in errors if isinstance(errors, list) else [errors]:
         if message == "Unknown field.":

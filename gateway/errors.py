@@ -44,17 +44,25 @@ CODES: dict[str, Code] = {
         400, "a header name is not a token, or a value holds a control character"
     ),
     "body_not_allowed": Code(400, "a GET, HEAD or OPTIONS request carried a body"),
+    "max_tokens_required": Code(
+        400, "an LLM call (a JSON body with `model`) without `max_tokens` where a ceiling applies"
+    ),
     "missing_client_key": Code(401, "no `Authorization: Bearer` (or `x-api-key`)"),
     "invalid_client_key": Code(401, "the key is not in the config"),
     "method_not_allowed": Code(403, "method outside `allowedMethods`"),
     "path_not_allowed": Code(403, "path outside `allowedPaths`"),
     "origin_not_allowed": Code(403, "browser `Origin` outside `allowedOrigins`"),
+    "model_not_allowed": Code(403, "a `model` (body or query) outside `allowedModels`"),
+    "max_tokens_not_allowed": Code(403, "`max_tokens` above the client's `maxTokens`"),
     "not_found": Code(404, "no such gateway route"),
     "route_method_not_allowed": Code(405, "e.g. `GET /proxy`"),
     "request_timeout": Code(408, "the request body did not arrive within `bodyTimeoutMs`"),
     "request_too_large": Code(413, "body over `maxRequestBytes`; nothing forwarded"),
     "uri_too_long": Code(414, "request line too long (answered by gunicorn)"),
     "headers_too_large": Code(431, "too many or too large request headers"),
+    "rate_limited": Code(429, "over a `limits.requests` rate; see `Retry-After`"),
+    "too_many_concurrent": Code(429, "over `limits.concurrent` calls in flight"),
+    "quota_exhausted": Code(429, "the `limits.tokens` budget is spent; see `Retry-After`"),
     "internal_error": Code(500, "a gateway bug; the log says where, never with request data"),
     "not_implemented": Code(501, "a transfer coding gunicorn does not support"),
     "upstream_unreachable": Code(502, "could not connect to the upstream"),
@@ -70,6 +78,7 @@ CODES: dict[str, Code] = {
         "the config is broken: under Passenger, every call until it is fixed "
         "(gunicorn does not start instead); the error log lists the problems",
     ),
+    "limits_unavailable": Code(503, "the limit storage is unreachable (and `failOpen` is off)"),
     "upstream_timeout": Code(504, "connect or read timeout before the response started"),
 }
 

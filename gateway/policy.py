@@ -8,6 +8,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .limits import LimitSet
+
+if TYPE_CHECKING:
+    from .llm import ModelPattern
 
 __all__ = [
     "METHODS",
@@ -190,6 +196,8 @@ class Target:
     ca_bundle: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    limits: LimitSet = LimitSet()  # all clients of this target together
+    inject_usage: bool = True  # ask OpenAI-style streams for usage when a budget applies
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,9 @@ class Client:
     origins: frozenset[str] = frozenset()
     read_timeout: float = 30.0
     connect_timeout: float = 5.0
+    limits: LimitSet = LimitSet()
+    models: tuple[ModelPattern, ...] = ()  # allowedModels; empty: any model
+    max_tokens: int | None = None
 
     def check(self, method: str, path: str) -> None:
         """Raise ``PolicyError`` unless ``method`` on the normalized ``path`` is allowed."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
-from urllib.parse import quote
+from collections.abc import Callable, Iterator
+from urllib.parse import parse_qsl, quote
 
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
@@ -22,7 +22,9 @@ from .errors import GatewayError
 from .headers import client_headers, readable_codings, response_headers, upstream_headers
 from .policy import METHODS, Client, PolicyError, normalize_path
 from .request_body import read_body
+from .spend import Admission, admit
 from .upstream import Call, UpstreamBroke, body_chunks
+from .usage import UsageMeter, metered
 
 __all__ = ["bp"]
 
@@ -139,10 +141,22 @@ def _allowed_path(client: Client, method: str, raw_path: str) -> str:
     return path
 
 
-def _forward(call: Call) -> Response:
-    """Send ``call`` and answer with the upstream's response, through the response pipeline."""
+# Failures that show the upstream never got the call: its token reservation returns whole.
+_NOT_SENT = frozenset({"upstream_unreachable", "upstream_tls_error"})
+
+
+def _forward(call: Call, admission: Admission) -> Response:
+    """Send ``call`` and answer with the upstream's response, through the response pipeline.
+
+    The pipeline: upstream chunks -> egress scan -> usage meter -> client. Whatever
+    ends the response, ``admission.finish`` runs once (slot freed, tokens settled).
+    """
     config = _config()
-    upstream = current_app.extensions["gateway.upstream"].send(call)
+    try:
+        upstream = current_app.extensions["gateway.upstream"].send(call)
+    except GatewayError as exc:
+        admission.finish(None, sent=exc.code not in _NOT_SENT)
+        raise
     headers = response_headers(upstream.raw.headers.items())
     chunks = body_chunks(upstream, call.client)
     if config.guarded:
@@ -151,12 +165,17 @@ def _forward(call: Call) -> Response:
             _log_block(call, f"response header {name} (dropped)")
         coding = upstream.headers.get("Content-Encoding")
         chunks = egress.scan_body(chunks, config.guarded, coding)
-    return UpstreamResponse(
-        _Body(chunks, call),
-        status=upstream.status_code,
-        headers=headers,
-        direct_passthrough=True,
-    )
+    if admission.llm.model is not None:
+        admission.meter = UsageMeter(upstream.headers.get("Content-Type"))
+        chunks = metered(chunks, admission.meter)
+    headers += admission.headers.items()
+    status = upstream.status_code
+    try:
+        body = _Body(chunks, call, lambda: admission.finish(status))
+    except GatewayError:
+        admission.finish(None)
+        raise
+    return UpstreamResponse(body, status=status, headers=headers, direct_passthrough=True)
 
 
 def _log_block(call: Call, where: str) -> None:
@@ -177,9 +196,10 @@ class _Body:
     however the response ended: completed, client gone, or cut.
     """
 
-    def __init__(self, chunks: Iterator[bytes], call: Call) -> None:
+    def __init__(self, chunks: Iterator[bytes], call: Call, on_close: Callable[[], None]) -> None:
         self._chunks = chunks
         self._call = call
+        self._on_close = on_close
         try:
             self._first = next(chunks, b"")
         except UpstreamBroke as exc:
@@ -206,7 +226,10 @@ class _Body:
             raise
 
     def close(self) -> None:
-        self._chunks.close()
+        try:
+            self._chunks.close()
+        finally:
+            self._on_close()
 
 
 def _read_body() -> bytes:
@@ -252,15 +275,37 @@ def _finite(text: str) -> float:
     return value
 
 
-def _outgoing_headers(client: Client, headers: list[tuple[str, str]]) -> dict[str, str]:
+def _outgoing_headers(
+    client: Client, headers: list[tuple[str, str]], admission: Admission
+) -> dict[str, str]:
     try:
         passed = client_headers(headers)
     except PolicyError as exc:
         raise _policy_error(exc) from None
     accept = request.headers.get("Accept-Encoding")
-    if _config().guarded:
+    if admission.llm.model is not None:
+        accept = "identity"  # the usage meter reads the answer as it passes
+    elif _config().guarded:
         accept = readable_codings(accept, egress.READABLE_CODINGS)
     return upstream_headers(client.target.default_headers, passed, client.secret_headers, accept)
+
+
+def _spend(client: Client, path: str, body: bytes | None, query: str) -> Admission:
+    """Apply the client's model, ceiling and limit rules to one call (spend.admit)."""
+    config = _config()
+    try:
+        return admit(
+            client,
+            current_app.extensions["gateway.limits"],
+            config.fail_open,
+            path,
+            body,
+            parse_qsl(query, keep_blank_values=True),
+        )
+    except PolicyError as exc:
+        if exc.code == "invalid_json":
+            raise GatewayError("invalid_json", f"The request body {exc.reason}.") from None
+        raise _policy_error(exc) from None
 
 
 @bp.post("/proxy")
@@ -281,15 +326,16 @@ def envelope():
         _refuse_body_on(env["method"])
         if not any(k.lower() == "content-type" for k, _ in headers):
             headers.append(("Content-Type", "application/json"))
+    admission = _spend(client, path, body, query)
     call = Call(
         client=client,
         method=env["method"],
         path=path,
         query=query,
-        headers=_outgoing_headers(client, headers),
-        body=body,
+        headers=_outgoing_headers(client, headers, admission),
+        body=admission.body or body,
     )
-    return _forward(call)
+    return _forward(call, admission)
 
 
 def _refuse_body_on(method: str) -> None:
@@ -326,15 +372,17 @@ def transparent(rest: str):
     body = _read_body() or None
     if body is not None:
         _refuse_body_on(request.method)
+    query = request.query_string.decode("latin-1")
+    admission = _spend(client, path, body, query)
     call = Call(
         client=client,
         method=request.method,
         path=path,
-        query=request.query_string.decode("latin-1"),
-        headers=_outgoing_headers(client, list(request.headers.items())),
-        body=body,
+        query=query,
+        headers=_outgoing_headers(client, list(request.headers.items()), admission),
+        body=admission.body or body,
     )
-    return _forward(call)
+    return _forward(call, admission)
 
 
 @bp.get("/health")

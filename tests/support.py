@@ -58,6 +58,8 @@ def base_config(upstream: str = UPSTREAM) -> dict:
 
 
 def write_config(path, config: dict) -> str:
+    # Limit counters and usage in the test's own folder, never the project's instance/.
+    config = {"limits": {"storage": f"sqlite:///{path.parent}/limits.sqlite3"}, **config}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
 
