@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import cli, config, errors, openapi, upstream
+from . import cli, config, errors, explain, openapi, upstream
 from .proxy import bp
 
 __all__ = ["create_app"]
@@ -36,6 +36,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     config.init_app(app)
     upstream.init_app(app)
     cli.init_app(app)
+    explain.init_app(app)
     openapi.init_app(app)
     app.register_blueprint(bp)
     return app

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
+from datetime import date
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-__all__ = ["ConfigSchema", "ClientSchema", "TargetSchema", "checked_part"]
+from .keys import PREFIX, instant, is_key_item
+
+__all__ = ["CLIENT_NAME", "NAME_RULE", "ConfigSchema", "ClientSchema", "TargetSchema", "checked_part"]
 
 _REQUIRED = {"required": "is required"}
+# Names go into logs, metrics and messages: plain, short, and never a path like "..".
+CLIENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
+NAME_RULE = (
+    "must be lowercase letters, digits, -, _ or ., start with a letter or digit, "
+    "and be at most 64 characters"
+)
 
 
 def _non_empty(hint: str) -> validate.Length:
@@ -22,7 +32,66 @@ class TargetSchema(Schema):
     defaultHeaders = fields.Dict(keys=fields.String(), values=fields.String())
 
 
+class Instant(fields.Field):
+    """An ISO 8601 date or date-time (YAML may have parsed it already), as UTC."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str | date):
+            raise ValidationError("must be an ISO 8601 date or date-time, e.g. 2027-01-31")
+        try:
+            return instant(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+def _hash_problem(value: Any, shape: str) -> str:
+    # Never echo the value: it may be a live key pasted where its hash belongs.
+    if isinstance(value, str) and value.startswith(PREFIX):
+        return (
+            f"holds a key, not its hash; write {shape} "
+            "(`flask --app gateway keys hash` prints it) and keep the key out of the config"
+        )
+    return f"must be {shape}, the SHA-256 of the key in lowercase hex"
+
+
+class KeyItemSchema(Schema):
+    sha256 = fields.Raw(required=True, error_messages=_REQUIRED)
+    expires = Instant()
+    notBefore = Instant()
+
+    @validates_schema
+    def _check(self, data: dict[str, Any], **kwargs: Any) -> None:
+        digest = data.get("sha256")
+        if "sha256" in data and not (isinstance(digest, str) and is_key_item("sha256:" + digest)):
+            raise ValidationError(_hash_problem(digest, "<64 hex digits>"), "sha256")
+        if "notBefore" in data and "expires" in data and data["notBefore"] >= data["expires"]:
+            raise ValidationError("must be before expires", "notBefore")
+
+
+_KEY_ITEM_SCHEMA = KeyItemSchema()
+
+
+class KeyItem(fields.Field):
+    """A key as ``sha256:<hex>``, or a map with ``sha256``, ``expires`` and ``notBefore``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            if not is_key_item(value):
+                raise ValidationError(_hash_problem(value, "sha256:<64 hex digits>"))
+            return {"sha256": value.removeprefix("sha256:")}
+        if isinstance(value, dict):
+            return _KEY_ITEM_SCHEMA.load(value)
+        raise ValidationError(
+            "must be sha256:<64 hex digits>, or a map with sha256 and optional expires and notBefore"
+        )
+
+
 class ClientSchema(Schema):
+    keys = fields.List(
+        KeyItem(),
+        validate=_non_empty("list each key as sha256:<hex> (`flask --app gateway keys new NAME`)"),
+    )
+    name = fields.String(validate=validate.Regexp(CLIENT_NAME, error=NAME_RULE))
     target = fields.String(required=True, error_messages=_REQUIRED)
     authHeaderRef = fields.String()
     rapidApiKeyRef = fields.String()
@@ -78,7 +147,10 @@ def checked_part(
     key)`` says how an entry is named in a problem (a client by position, never
     by its key).
     """
-    errors = ConfigSchema().validate(raw)
+    try:
+        return ConfigSchema().load(raw)  # a valid config: one pass
+    except ValidationError as exc:
+        errors = exc.messages
     passed: dict[str, Any] = {}
     for section, value in raw.items():
         if section not in errors:

@@ -45,7 +45,10 @@ CODES: dict[str, Code] = {
     ),
     "body_not_allowed": Code(400, "a GET, HEAD or OPTIONS request carried a body"),
     "missing_client_key": Code(401, "no `Authorization: Bearer` (or `x-api-key`)"),
-    "invalid_client_key": Code(401, "the key is not in the config"),
+    "invalid_client_key": Code(
+        401, "the key is not in the config, or not valid yet (`notBefore`); a hash is not a key"
+    ),
+    "expired_client_key": Code(401, "the key's `expires` has passed"),
     "method_not_allowed": Code(403, "method outside `allowedMethods`"),
     "path_not_allowed": Code(403, "path outside `allowedPaths`"),
     "origin_not_allowed": Code(403, "browser `Origin` outside `allowedOrigins`"),

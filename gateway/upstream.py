@@ -18,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from .errors import GatewayError
 from .policy import Client
 
-__all__ = ["Call", "Upstream", "UpstreamBroke", "body_chunks", "init_app"]
+__all__ = ["Call", "Upstream", "UpstreamBroke", "body_chunks", "init_app", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,9 @@ class Upstream:
     def send(self, call: Call) -> requests.Response:
         """Send ``call`` and return the response with its body not yet read."""
         client = call.client
-        url = client.target.base_url + call.path
-        if call.query:
-            url += "?" + call.query
-        # Only the steps that apply: no cookies, URL credentials or hooks ever do here,
-        # and skipping them saves a tenth of the time a forwarded call costs.
-        prepared = requests.PreparedRequest()
-        prepared.prepare_method(call.method)
-        prepared.prepare_url(url, None)
-        prepared.prepare_headers(call.headers)
-        prepared.prepare_body(call.body, None)
+        prepared = prepare(call)
         try:
-            return self.session.get_adapter(url).send(
+            return self.session.get_adapter(prepared.url).send(
                 prepared,
                 stream=True,
                 timeout=(client.connect_timeout, client.read_timeout),
@@ -127,6 +118,21 @@ class Upstream:
         except requests.exceptions.RequestException:
             log.warning("%s: upstream %s call failed", client.label, client.target.name)
             raise _broken() from None
+
+
+def prepare(call: Call) -> requests.PreparedRequest:
+    """Return the request ``call`` sends upstream: method, URL, headers and body."""
+    url = call.client.target.base_url + call.path
+    if call.query:
+        url += "?" + call.query
+    # Only the steps that apply: no cookies, URL credentials or hooks ever do here,
+    # and skipping them saves a tenth of the time a forwarded call costs.
+    prepared = requests.PreparedRequest()
+    prepared.prepare_method(call.method)
+    prepared.prepare_url(url, None)
+    prepared.prepare_headers(call.headers)
+    prepared.prepare_body(call.body, None)
+    return prepared
 
 
 def _timeout() -> GatewayError:
