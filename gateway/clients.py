@@ -8,6 +8,7 @@ position (``client#3``), never by its key.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -71,6 +72,11 @@ def _key_items(
     return [KeyItem(key_digest(key), plaintext=True)]
 
 
+# Thousands of clients share a few patterns: each is compiled once (and the
+# clients share the pattern objects).
+_pattern = functools.lru_cache(maxsize=4096)(PathPattern.compile)
+
+
 def _build_client(
     label: str,
     spec: dict[str, Any],
@@ -120,7 +126,7 @@ def _build_client(
     paths = []
     for i, text in enumerate(spec.get("allowedPaths", [])):
         try:
-            paths.append(PathPattern.compile(text))
+            paths.append(_pattern(text))
         except ValueError as exc:
             problems.append(f"{where}.allowedPaths[{i}]: {exc}")
     origins = set()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from datetime import date
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from .keys import PREFIX, instant, is_key_item
 
@@ -32,18 +31,6 @@ class TargetSchema(Schema):
     defaultHeaders = fields.Dict(keys=fields.String(), values=fields.String())
 
 
-class Instant(fields.Field):
-    """An ISO 8601 date or date-time (YAML may have parsed it already), as UTC."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if not isinstance(value, str | date):
-            raise ValidationError("must be an ISO 8601 date or date-time, e.g. 2027-01-31")
-        try:
-            return instant(value)
-        except ValueError as exc:
-            raise ValidationError(str(exc)) from None
-
-
 def _hash_problem(value: Any, shape: str) -> str:
     # Never echo the value: it may be a live key pasted where its hash belongs.
     if isinstance(value, str) and value.startswith(PREFIX):
@@ -54,36 +41,61 @@ def _hash_problem(value: Any, shape: str) -> str:
     return f"must be {shape}, the SHA-256 of the key in lowercase hex"
 
 
-class KeyItemSchema(Schema):
-    sha256 = fields.Raw(required=True, error_messages=_REQUIRED)
-    expires = Instant()
-    notBefore = Instant()
-
-    @validates_schema
-    def _check(self, data: dict[str, Any], **kwargs: Any) -> None:
-        digest = data.get("sha256")
-        if "sha256" in data and not (isinstance(digest, str) and is_key_item("sha256:" + digest)):
-            raise ValidationError(_hash_problem(digest, "<64 hex digits>"), "sha256")
-        if "notBefore" in data and "expires" in data and data["notBefore"] >= data["expires"]:
-            raise ValidationError("must be before expires", "notBefore")
-
-
-_KEY_ITEM_SCHEMA = KeyItemSchema()
-
-
 class KeyItem(fields.Field):
-    """A key as ``sha256:<hex>``, or a map with ``sha256``, ``expires`` and ``notBefore``."""
+    """A key as ``sha256:<hex>``, or a map with ``sha256``, ``expires`` and ``notBefore``.
+
+    Checked by hand, not by a nested schema: a large config has thousands of
+    these, and a schema per item doubled the time it took to load.
+    """
+
+    _FIELDS = ("sha256", "expires", "notBefore")
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, str):
             if not is_key_item(value):
                 raise ValidationError(_hash_problem(value, "sha256:<64 hex digits>"))
             return {"sha256": value.removeprefix("sha256:")}
-        if isinstance(value, dict):
-            return _KEY_ITEM_SCHEMA.load(value)
-        raise ValidationError(
-            "must be sha256:<64 hex digits>, or a map with sha256 and optional expires and notBefore"
-        )
+        if not isinstance(value, dict):
+            raise ValidationError(
+                "must be sha256:<64 hex digits>, "
+                "or a map with sha256 and optional expires and notBefore"
+            )
+        errors: dict[str, list[str]] = {}
+        item = {}
+        for name in value.keys() - set(self._FIELDS):
+            close = difflib.get_close_matches(str(name), self._FIELDS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            errors[str(name)] = [f"unknown field{hint}"]
+        digest = value.get("sha256")
+        if "sha256" not in value:
+            errors["sha256"] = ["is required"]
+        elif not (isinstance(digest, str) and is_key_item("sha256:" + digest)):
+            errors["sha256"] = [_hash_problem(digest, "<64 hex digits>")]
+        else:
+            item["sha256"] = digest
+        for name in ("expires", "notBefore"):
+            if name in value:
+                try:
+                    item[name] = instant(value[name])
+                except ValueError as exc:
+                    errors[name] = [str(exc)]
+        if "notBefore" in item and "expires" in item and item["notBefore"] >= item["expires"]:
+            errors["notBefore"] = ["must be before expires"]
+        if errors:
+            raise ValidationError(errors)
+        return item
+
+
+class Strings(fields.List):
+    """A list of strings, checked in one pass (a large config has tens of thousands)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(fields.String(), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        return super()._deserialize(value, attr, data, **kwargs)  # says which item is wrong
 
 
 class ClientSchema(Schema):
@@ -96,19 +108,17 @@ class ClientSchema(Schema):
     authHeaderRef = fields.String()
     rapidApiKeyRef = fields.String()
     secretHeaders = fields.Dict(keys=fields.String(), values=fields.String())
-    allowedMethods = fields.List(
-        fields.String(),
+    allowedMethods = Strings(
         required=True,
         error_messages=_REQUIRED,
         validate=_non_empty('write ["*"] to allow every method'),
     )
-    allowedPaths = fields.List(
-        fields.String(),
+    allowedPaths = Strings(
         required=True,
         error_messages=_REQUIRED,
         validate=_non_empty('write ["/**"] to allow every path'),
     )
-    allowedOrigins = fields.List(fields.String())
+    allowedOrigins = Strings()
     timeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 3_600_000))
     connectTimeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 600_000))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
+from werkzeug.test import Client
 
 __all__ = ["EXPLAIN", "Explanation", "init_app"]
 
@@ -118,7 +119,8 @@ def explain(
         sent.append(("Content-Type", "application/json"))
 
     explanation = Explanation()
-    response = current_app.test_client().open(
+    # werkzeug's own client: Flask's adds a User-Agent the real request may not have.
+    response = Client(current_app).open(
         path,
         method=method.upper(),
         headers=sent,
