@@ -43,10 +43,11 @@ def client_labels(clients: Mapping[Any, Any], problems: list[str]) -> dict[Any, 
             if name in taken:
                 problems.append(
                     f"clients.{position}: the name {name!r} is already used by "
-                    f"clients.{taken[name]}; names must be unique"
+                    f"{taken[name]}; names must be unique"
                 )
             else:
-                labels[key] = taken[name] = name
+                labels[key] = name
+                taken[name] = position
     return labels
 
 
