@@ -233,7 +233,7 @@ def test_a_name_used_twice_is_refused():
     raw["clients"][CHAT_KEY]["name"] = "chat-app"
     problems = problems_of(raw)
     assert problems == [
-        "clients.client#4: the name 'chat-app' is already used by clients.client#1; "
+        "clients.client#4: the name 'chat-app' is already used by client#1; "
         "names must be unique"
     ]
 
