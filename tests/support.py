@@ -81,6 +81,8 @@ NAMED_KEY = "gk_abcXFIytkLIvEMe3nYOKlfiBmt7GDJKY3OeLYBfIk5T1EBgdd"
 NEXT_KEY = "ck-test-named-next-0123456789"  # a second key: rotation with overlap
 EXPIRED_KEY = "ck-test-named-expired-0123456789"
 EARLY_KEY = "ck-test-named-early-0123456789"
+DOCS_KEY = "ck-test-docs-try-0123456789"  # a named client that allows the gateway's own origin
+LIVE_KEYS = [NAMED_KEY, NEXT_KEY, EXPIRED_KEY, EARLY_KEY, DOCS_KEY]
 
 
 def named_client() -> dict:
