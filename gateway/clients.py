@@ -56,7 +56,9 @@ def _key_items(
 ) -> list[KeyItem]:
     if named:
         if "name" in spec:
-            problems.append(f"{where}.name: a client with keys is named by its map key; remove name")
+            problems.append(
+                f"{where}.name: a client with keys is named by its map key; remove name"
+            )
         return [
             KeyItem(bytes.fromhex(item["sha256"]), item.get("expires"), item.get("notBefore"))
             for item in spec.get("keys", [])

@@ -11,7 +11,14 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from .keys import PREFIX, instant, is_key_item
 
-__all__ = ["CLIENT_NAME", "NAME_RULE", "ConfigSchema", "ClientSchema", "TargetSchema", "checked_part"]
+__all__ = [
+    "CLIENT_NAME",
+    "NAME_RULE",
+    "ConfigSchema",
+    "ClientSchema",
+    "TargetSchema",
+    "checked_part",
+]
 
 _REQUIRED = {"required": "is required"}
 # Names go into logs, metrics and messages: plain, short, and never a path like "..".

@@ -189,8 +189,10 @@ def test_check_config_warns_about_plaintext_and_counts_active_keys(runner, tmp_p
     result = runner.invoke(args=["check-config", "--config", path])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert any(line.startswith("  chat-app -> api:") and line.endswith("keys: 2 of 3 active")
-               for line in lines)
+    assert any(
+        line.startswith("  chat-app -> api:") and line.endswith("keys: 2 of 3 active")
+        for line in lines
+    )
     plaintext = [line for line in lines if "plaintext in the config;" in line]
     assert [line.split(":")[0].strip() for line in plaintext] == [
         "clients.legacy-chat",
@@ -199,7 +201,9 @@ def test_check_config_warns_about_plaintext_and_counts_active_keys(runner, tmp_p
     ]
     assert all("flask --app gateway keys hash" in line for line in plaintext)
     (soon,) = [line for line in lines if line.startswith("  clients.chat-app.keys[1]: expires at")]
-    assert "(in 2 days); give the client a new key (`flask --app gateway keys new chat-app`)" in soon
+    assert (
+        "(in 2 days); give the client a new key (`flask --app gateway keys new chat-app`)" in soon
+    )
     assert "  clients.chat-app.keys[2]: expired at 2021-01-01T00:00:00Z; remove it" in lines
     assert "  clients.retired: no key is active now, so every call is refused" in lines
     for key in (CHAT_KEY, READONLY_KEY):

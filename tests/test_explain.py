@@ -69,7 +69,14 @@ def test_every_secret_header_is_masked(runner, upstream):
         (["--key", READONLY_KEY, "GET", "/proxy/files/x"], "refused: 403 path_not_allowed"),
         (["--key", CHAT_KEY, "GET", "/proxy/models/%2e%2e/admin"], "refused: 400 invalid_path"),
         (
-            ["--key", NAMED_KEY, "--origin", "https://evil.example", "POST", "/proxy/chat/completions"],
+            [
+                "--key",
+                NAMED_KEY,
+                "--origin",
+                "https://evil.example",
+                "POST",
+                "/proxy/chat/completions",
+            ],
             "refused: 403 origin_not_allowed",
         ),
         (["--key", CHAT_KEY, "GET", "/nowhere"], "refused: 404 not_found"),
@@ -91,7 +98,9 @@ def test_a_refused_request_after_the_key_still_names_the_client(runner, upstream
 
 def test_the_envelope_is_explained_from_the_body(runner, upstream, tmp_path):
     envelope = tmp_path / "envelope.json"
-    envelope.write_text(json.dumps({"method": "GET", "path": "/models/gpt", "query": {"a": [1, 2]}}))
+    envelope.write_text(
+        json.dumps({"method": "GET", "path": "/models/gpt", "query": {"a": [1, 2]}})
+    )
     result = explain(runner, "--key", CHAT_KEY, "--body", str(envelope), "POST", "/proxy")
     assert result.exit_code == 0, result.output
     assert "path: /models/gpt matches allowedPaths pattern /models/*" in result.output
@@ -119,8 +128,16 @@ CASES = [
     ("GET", "/proxy//evil.example/x", {"Authorization": f"Bearer {RAPID_KEY}"}),
     ("PUT", "/proxy/any/thing", {"x-api-key": RAPID_KEY}),
     ("POST", "/proxy/chat/completions", {"Authorization": f"Bearer {NAMED_KEY}"}),
-    ("POST", "/proxy/chat/completions", {"Authorization": f"Bearer {NAMED_KEY}", "Origin": APP_ORIGIN}),
-    ("POST", "/proxy/chat/completions", {"Authorization": f"Bearer {NAMED_KEY}", "Origin": "https://x.example"}),
+    (
+        "POST",
+        "/proxy/chat/completions",
+        {"Authorization": f"Bearer {NAMED_KEY}", "Origin": APP_ORIGIN},
+    ),
+    (
+        "POST",
+        "/proxy/chat/completions",
+        {"Authorization": f"Bearer {NAMED_KEY}", "Origin": "https://x.example"},
+    ),
     ("POST", "/proxy/chat/completions", {"Authorization": "Bearer " + "sha256:" + "0" * 64}),
     ("GET", "/proxy/models", {"Authorization": f"Bearer {CHAT_KEY}", "X-Bad": "a\x01b"}),
     ("GET", "/proxy/models", {}),

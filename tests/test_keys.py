@@ -10,7 +10,8 @@ import pytest
 import requests
 import responses
 
-from gateway.config import ConfigError, parse_config
+from bench.config_load import ENV, write_config
+from gateway.config import ConfigError, load_config, parse_config
 from gateway.keys import KEY_PATTERN, checksum_ok, instant, key_digest, key_item, new_key
 from gateway.policy import PolicyError
 
@@ -165,7 +166,10 @@ HASH = key_item(NAMED_KEY)
             "clients.chat-app.keys[0].sha256: holds a key, not its hash",
         ),
         (with_named(keys=[]), "clients.chat-app.keys: must not be empty"),
-        (with_named(keys=[{"expires": "2027-01-01"}]), "clients.chat-app.keys[0].sha256: is required"),
+        (
+            with_named(keys=[{"expires": "2027-01-01"}]),
+            "clients.chat-app.keys[0].sha256: is required",
+        ),
         (
             with_named(keys=[{"sha256": HASH[7:], "expires": "next week"}]),
             "clients.chat-app.keys[0].expires: must be an ISO 8601 date",
@@ -175,15 +179,23 @@ HASH = key_item(NAMED_KEY)
             "clients.chat-app.keys[0].expires: a date-time needs a UTC offset",
         ),
         (
-            with_named(keys=[{"sha256": HASH[7:], "notBefore": "2027-02-01", "expires": "2027-01-31"}]),
+            with_named(
+                keys=[{"sha256": HASH[7:], "notBefore": "2027-02-01", "expires": "2027-01-31"}]
+            ),
             "clients.chat-app.keys[0].notBefore: must be before expires",
         ),
         (
             with_named(keys=[{"sha256": HASH[7:], "expiers": "2027-01-31"}]),
             "clients.chat-app.keys[0].expiers: unknown field; did you mean expires?",
         ),
-        (with_named(keys=[42]), "clients.chat-app.keys[0]: must be sha256:<64 hex digits>, or a map"),
-        (with_named(name="other"), "clients.chat-app.name: a client with keys is named by its map key"),
+        (
+            with_named(keys=[42]),
+            "clients.chat-app.keys[0]: must be sha256:<64 hex digits>, or a map",
+        ),
+        (
+            with_named(name="other"),
+            "clients.chat-app.name: a client with keys is named by its map key",
+        ),
     ],
 )
 def test_key_item_problems_are_located(raw, expected):
@@ -233,8 +245,7 @@ def test_a_name_used_twice_is_refused():
     raw["clients"][CHAT_KEY]["name"] = "chat-app"
     problems = problems_of(raw)
     assert problems == [
-        "clients.client#4: the name 'chat-app' is already used by client#1; "
-        "names must be unique"
+        "clients.client#4: the name 'chat-app' is already used by client#1; names must be unique"
     ]
 
 
@@ -253,19 +264,11 @@ def test_every_key_problem_is_reported_at_once():
     assert len(problems_of(raw)) == 5
 
 
-def test_ten_thousand_clients_load_each_key_finds_its_client():
-    from bench.config_load import ENV, write_config
-
-    # The figure is held in the benchmark (python -m bench.config_load), not here.
-    import tempfile
-    from pathlib import Path
-
-    from gateway.config import load_config
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "c.yaml"
-        write_config(path, 10_000)
-        config = load_config(path, ENV)
+def test_ten_thousand_clients_load_each_key_finds_its_client(tmp_path):
+    # The time it takes is held in the benchmark (python -m bench.config_load), not here.
+    path = tmp_path / "c.yaml"
+    write_config(path, 10_000)
+    config = load_config(path, ENV)
     assert len(config.clients) == 10_000 and len(config.keys) == 12_500
     for i in (0, 1, 4999, 9999):
         digest = key_digest(f"key-{i}")
@@ -283,7 +286,9 @@ def config_dict(config_dict):
 
 def call(client, key):
     return client.post(
-        "/proxy", json={"method": "POST", "path": "/chat/completions"}, headers={"Authorization": f"Bearer {key}"}
+        "/proxy",
+        json={"method": "POST", "path": "/chat/completions"},
+        headers={"Authorization": f"Bearer {key}"},
     )
 
 
@@ -316,7 +321,9 @@ def test_refused_keys_get_401_and_nothing_is_forwarded(client, upstream, key, co
 
 def test_logs_name_the_client_never_the_key(client, upstream, caplog):
     caplog.set_level(logging.INFO, logger="gateway")
-    upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", body=requests.exceptions.ConnectionError())
+    upstream.add(
+        responses.POST, f"{UPSTREAM}/chat/completions", body=requests.exceptions.ConnectionError()
+    )
     for key in (EXPIRED_KEY, EARLY_KEY, NAMED_KEY, "ck-unknown-key-0123456789"):
         call(client, key)
     text = caplog.text
