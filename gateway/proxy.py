@@ -32,7 +32,6 @@ bp = Blueprint("gateway", __name__)
 log = logging.getLogger(__name__)
 
 
-
 def _note(step: str, text: str) -> None:
     explanation = request.environ.get(EXPLAIN)
     if explanation is not None:
