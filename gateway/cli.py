@@ -6,6 +6,7 @@ Secrets are never printed; a key is printed once, by ``keys new``, and never rea
 from __future__ import annotations
 
 import re
+import sys
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -127,11 +128,10 @@ def keys_new(name: str) -> None:
 @with_appcontext
 def keys_hash() -> None:
     """Read a client key from standard input and print its sha256 item (the key is not echoed)."""
-    stdin = click.get_text_stream("stdin")
-    if stdin.isatty():
+    if sys.stdin.isatty():
         text = click.prompt("Client key", hide_input=True, err=True)
     else:
-        text = stdin.read()
+        text = sys.stdin.read()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) != 1:
         raise click.ClickException("give exactly one client key on standard input")
