@@ -87,6 +87,7 @@ class _QuietInvalidRequest(logging.Filter):
             record.msg, record.args = ": ".join(message.split(": ")[:2]), ()
         return True
 
+
 #
 # Errors gunicorn answers itself
 #
