@@ -4,6 +4,7 @@
 # command line, which wins over this file.
 
 import json
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -67,12 +68,25 @@ else:
 #
 #   accesslog / errorlog - "-" is stdout / stderr, for systemd or a container.
 #   access_log_format - No headers, so no key reaches the access log.
+#   _QuietInvalidRequest - gunicorn's warning about a request it cannot parse
+#       quotes the offending header line, which can hold a client key
+#       ("Authorization Bearer <key>" without its colon): keep only what was wrong.
 #
 
 accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-")
 errorlog = os.environ.get("GATEWAY_ERROR_LOG", "-")
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
+
+
+class _QuietInvalidRequest(logging.Filter):
+    def filter(self, record):
+        message = record.getMessage()
+        if message.startswith("Invalid request from "):
+            # "Invalid request from ip=...: Invalid HTTP Header: '<the line>'"
+            record.msg, record.args = ": ".join(message.split(": ")[:2]), ()
+        return True
+
 
 #
 # Errors gunicorn answers itself
@@ -114,7 +128,13 @@ gunicorn.util.write_error = _json_error
 #       config stops gunicorn with the problem list and exit status 1 instead
 #       of a worker-boot traceback per worker. It runs in a child process so
 #       the master imports no ssl before gevent patches the workers.
+#   post_worker_init - Each worker's error log gets _QuietInvalidRequest (the
+#       workers are where requests are parsed).
 #
+
+
+def post_worker_init(worker):
+    worker.log.error_log.addFilter(_QuietInvalidRequest())
 
 
 def on_starting(server):

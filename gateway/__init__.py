@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import cli, config, errors, limit_store, openapi, upstream
+from . import cli, config, errors, explain, limit_store, openapi, upstream
 from .proxy import bp
 
 __all__ = ["create_app"]
@@ -37,6 +37,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     upstream.init_app(app)
     limit_store.init_app(app)
     cli.init_app(app)
+    explain.init_app(app)
     openapi.init_app(app)
     app.register_blueprint(bp)
     return app

@@ -1,9 +1,13 @@
-"""``flask check-config``: validate a config and say what it sets up, secrets unprinted.
+"""``flask check-config`` and ``flask keys``: validate a config, make and hash client keys.
 
-With ``--probe`` it also shakes hands with each https target, as the gateway would.
+Secrets are never printed; a key is printed once, by ``keys new``, and never read back.
 """
 
 from __future__ import annotations
+
+import re
+import sys
+from datetime import UTC, datetime, timedelta
 
 import click
 from flask import Flask, current_app
@@ -11,9 +15,46 @@ from flask.cli import with_appcontext
 
 from . import tls
 from .config import ConfigError, GatewayConfig, environment, load_config
-from .policy import Target
+from .config_schema import CLIENT_NAME, NAME_RULE
+from .keys import PREFIX, checksum_ok, is_key_item, key_digest, key_item, new_key
+from .policy import Client, Target
 
 __all__ = ["init_app"]
+
+EXPIRY_WARNING = timedelta(days=14)
+_MIGRATE = (
+    "hash it with `flask --app gateway keys hash` and list the hash under keys: "
+    "(README: Migrating from plaintext keys)"
+)
+
+
+def _keys_summary(client: Client, now: datetime) -> str:
+    if any(item.plaintext for item in client.keys):
+        return "key: plaintext in the config"
+    active = sum(item.active(now) for item in client.keys)
+    return f"keys: {active} of {len(client.keys)} active"
+
+
+def _warnings(client: Client, now: datetime) -> list[str]:
+    where = f"clients.{client.label}"
+    if any(item.plaintext for item in client.keys):
+        return [f"{where}: the client key is written in plaintext in the config; {_MIGRATE}"]
+    found = []
+    for i, item in enumerate(client.keys):
+        if item.expires is None:
+            continue
+        when = f"{item.expires:%Y-%m-%dT%H:%M:%SZ}"
+        if item.expires <= now:
+            found.append(f"{where}.keys[{i}]: expired at {when}; remove it")
+        elif item.expires - now <= EXPIRY_WARNING:
+            days = (item.expires - now).days
+            found.append(
+                f"{where}.keys[{i}]: expires at {when} (in {days} days); "
+                f"give the client a new key (`flask --app gateway keys new {client.label}`)"
+            )
+    if not any(item.active(now) for item in client.keys):
+        found.append(f"{where}: no key is active now, so every call is refused")
+    return found
 
 
 def _trust(target: Target) -> str:
@@ -36,20 +77,26 @@ def _probe(config: GatewayConfig, timeout: float) -> tuple[list[str], int]:
     return [f"probe: TLS handshake with each https target ({failed} failed):", *lines], failed
 
 
-def _summary(path: str, config: GatewayConfig) -> list[str]:
+def _summary(path: str, config: GatewayConfig, now: datetime) -> list[str]:
     lines = [f"{path}: OK"]
     lines.append(f"targets ({len(config.targets)}):")
     lines += [f"  {t.name}: {t.base_url}{_trust(t)}" for t in config.targets.values()]
     lines.append(f"secrets ({len(config.secret_names)}), all resolved:")
     lines += [f"  {name}" for name in config.secret_names]
     lines.append(f"clients ({len(config.clients)}):")
-    for client in config.clients.values():
+    warnings = []
+    for client in config.clients:
         methods = ", ".join(sorted(client.methods))
         paths = ", ".join(p.text for p in client.paths)
         secrets = ", ".join(name for name, _ in client.secret_headers) or "no secret"
         lines.append(
-            f"  {client.label} -> {client.target.name}: {methods} on {paths}; sends {secrets}"
+            f"  {client.label} -> {client.target.name}: {methods} on {paths}; "
+            f"sends {secrets}; {_keys_summary(client, now)}"
         )
+        warnings += _warnings(client, now)
+    if warnings:
+        lines.append(f"warnings ({len(warnings)}):")
+        lines += [f"  {warning}" for warning in warnings]
     return lines
 
 
@@ -74,8 +121,9 @@ def check_config(path: str | None, probe: bool, probe_timeout: float) -> None:
 
     It reads the file itself: the app's own config is not needed, only where
     secrets come from. (If the app's config is broken, the flask command cannot
-    build the app, and says the same problems before this runs.) Warnings go
-    to stderr and do not fail it; a failed ``--probe`` exits 1.
+    build the app, and says the same problems before this runs.) Warnings
+    (plaintext keys, keys about to expire, TLS files and plain http) do not fail
+    the check; a failed ``--probe`` exits 1.
     """
     path = path or current_app.config["GATEWAY_CONFIG"]
     try:
@@ -85,7 +133,7 @@ def check_config(path: str | None, probe: bool, probe_timeout: float) -> None:
         raise SystemExit(1) from None
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
-    click.echo("\n".join(_summary(path, config)))
+    click.echo("\n".join(_summary(path, config, datetime.now(UTC))))
     if probe:
         lines, failed = _probe(config, probe_timeout)
         click.echo("\n".join(lines))
@@ -93,6 +141,60 @@ def check_config(path: str | None, probe: bool, probe_timeout: float) -> None:
             raise SystemExit(1)
 
 
+@click.group("keys")
+def keys() -> None:
+    """Make new client keys and hash existing ones for the config."""
+
+
+@keys.command("new")
+@click.argument("name")
+def keys_new(name: str) -> None:
+    """Print a new client key for client NAME, once, and the config item that stands for it."""
+    if not CLIENT_NAME.match(name):
+        raise click.BadParameter(NAME_RULE, param_hint="NAME")
+    key = new_key()
+    if not checksum_ok(key):  # the format promised to scanners, checked on every key made
+        raise click.ClickException("the new key failed its own checksum; nothing was printed")
+    click.echo(f"New client key for {name} (shown only now; the gateway keeps only its hash):\n")
+    click.echo(f"  {key}\n")
+    click.echo(f"Add this item to clients.{name}.keys in the config:\n")
+    click.echo(f"  - {key_item(key)}")
+
+
+@keys.command("hash")
+@with_appcontext
+def keys_hash() -> None:
+    """Read a client key from standard input and print its sha256 item (the key is not echoed)."""
+    if sys.stdin.isatty():
+        text = click.prompt("Client key", hide_input=True, err=True)
+    else:
+        text = sys.stdin.read()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise click.ClickException("give exactly one client key on standard input")
+    key = lines[0]
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise click.ClickException("a client key must be printable ASCII with no spaces")
+    if is_key_item(key):
+        raise click.ClickException("this is already a key hash; put it under keys: as it is")
+    if key.startswith(PREFIX) and not checksum_ok(key):
+        click.echo(
+            "warning: this looks like a gk_ key, but its checksum does not match: "
+            "was it cut short or mistyped?",
+            err=True,
+        )
+    found = current_app.extensions["gateway.config"].keys.get(key_digest(key))
+    if found is not None and found[1].plaintext:
+        click.echo(
+            f"This is the plaintext key of clients.{found[0].label}: give that client a name "
+            "as its map key, and list this item under its keys: (README: Migrating from "
+            "plaintext keys).",
+            err=True,
+        )
+    click.echo(key_item(key))
+
+
 def init_app(app: Flask) -> None:
     """Register the CLI commands on ``app``."""
     app.cli.add_command(check_config)
+    app.cli.add_command(keys)

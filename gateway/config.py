@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,12 +19,12 @@ from flask import Flask
 from werkzeug.http import is_hop_by_hop_header
 
 from . import tls
+from .clients import build_clients, client_labels, limit_set
 from .config_schema import checked_part
 from .egress import guarded_variants
 from .headers import check_header
-from .limits import LimitSet, parse_rate
-from .llm import ModelPattern
-from .policy import METHODS, Client, PathPattern, PolicyError, Target, key_digest, parse_origin
+from .keys import KeyItem, key_digest
+from .policy import Client, PolicyError, Target
 
 __all__ = ["ConfigError", "GatewayConfig", "environment", "init_app", "load_config", "parse_config"]
 
@@ -45,26 +47,41 @@ class ConfigError(click.ClickException):
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """A validated config: the clients by key digest, the limits, and what to warn about."""
+    """A validated config: the clients, every key by its digest, and the limits."""
 
     targets: Mapping[str, Target]
-    clients: Mapping[bytes, Client]
+    clients: tuple[Client, ...]
+    keys: Mapping[bytes, tuple[Client, KeyItem]] = field(repr=False)
     secret_names: tuple[str, ...]
     max_request_bytes: int
     body_timeout: float = 30.0
     write_timeout: float = 60.0
     guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
+    # Every client's allowedOrigins together: one set lookup per browser request.
+    origins: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = ()
     limit_storage: str = "sqlite"  # where limit counters live (limit_store.open_store)
     fail_open: bool = False  # let limited calls through when the storage is unreachable
 
-    def client_for(self, key: str) -> Client | None:
-        """Return the client whose key is ``key``, or None."""
-        return self.clients.get(key_digest(key))
+    def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
+        """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
+
+        One dict lookup by the key's digest, whatever the number of keys; a
+        hash sent as if it were a key is just an unknown key.
+        """
+        found = self.keys.get(key_digest(key))
+        if found is None:
+            raise PolicyError("invalid_client_key", "is not known to this gateway")
+        client, item = found
+        try:
+            item.check(now)
+        except PolicyError as exc:
+            raise PolicyError(exc.code, exc.reason, subject=client.label) from None
+        return found
 
     def any_client_allows(self, origin: str) -> bool:
-        """Return whether some client lets a page on ``origin`` call (for preflights)."""
-        return any(client.allows_origin(origin) for client in self.clients.values())
+        """Return whether some client lets a page on ``origin`` call (preflights, refusals)."""
+        return "*" in self.origins or origin.lower() in self.origins
 
 
 # --- cross-checks the schemas cannot express ----------------------------------
@@ -131,101 +148,14 @@ def _check_tls(
             )
     if "clientCert" in paths:
         key = paths.get("clientKey")
-        for field, problem in tls.client_cert_problems(paths["clientCert"], key):
-            problems.append(f"{where}.{field}: {paths[field]}: {problem}")
+        for field_name, problem in tls.client_cert_problems(paths["clientCert"], key):
+            problems.append(f"{where}.{field_name}: {paths[field_name]}: {problem}")
         warning = tls.key_file_warning(key or paths["clientCert"])
         if warning:
             warnings.append(f"{where}.{'clientKey' if key else 'clientCert'}: {warning}")
     if len(problems) > before:
         return {}
     return {_TLS_FIELDS[key]: str(path) for key, path in paths.items()}
-
-
-def _build_client(
-    key: str,
-    label: str,
-    spec: dict[str, Any],
-    targets: Mapping[str, Target] | None,
-    secrets: Mapping[str, str | None],
-    problems: list[str],
-) -> Client | None:
-    where = f"clients.{label}"
-    before = len(problems)
-    if not key or not re.fullmatch(r"[\x21-\x7e]+", key):
-        problems.append(f"{where}: a client key must be printable ASCII with no spaces")
-    complete = all(name in spec for name in ("target", "allowedMethods", "allowedPaths"))
-    # None when the targets section itself is broken: that problem is reported already.
-    target = None if targets is None else targets.get(spec.get("target"))
-    if "target" in spec and target is None and targets is not None:
-        known = ", ".join(sorted(targets)) or "none"
-        problems.append(
-            f"{where}.target: unknown target {spec['target']!r}; known targets: {known}"
-        )
-
-    refs = [(f"{where}.authHeaderRef", "Authorization", spec.get("authHeaderRef"))]
-    refs.append((f"{where}.rapidApiKeyRef", "X-RapidAPI-Key", spec.get("rapidApiKeyRef")))
-    for header, ref in spec.get("secretHeaders", {}).items():
-        refs.append((f"{where}.secretHeaders.{header}", header, ref))
-        try:
-            check_header(header, "")
-        except PolicyError:
-            problems.append(f"{where}.secretHeaders.{header}: not a valid header name")
-    secret_headers = []
-    for location, header, ref in refs:
-        if ref is None:
-            continue
-        if ref not in secrets:
-            known = ", ".join(sorted(secrets)) or "none"
-            problems.append(f"{location}: unknown secret {ref!r}; known secrets: {known}")
-        elif secrets[ref] is not None:
-            secret_headers.append((header, secrets[ref]))
-
-    methods = set()
-    for i, method in enumerate(spec.get("allowedMethods", [])):
-        if method == "*" or method.upper() in METHODS:
-            methods.add(method.upper())
-        else:
-            problems.append(
-                f"{where}.allowedMethods[{i}]: unknown method {method!r}; "
-                f'use {", ".join(METHODS)}, or "*" for all'
-            )
-    paths = []
-    for i, text in enumerate(spec.get("allowedPaths", [])):
-        try:
-            paths.append(PathPattern.compile(text))
-        except ValueError as exc:
-            problems.append(f"{where}.allowedPaths[{i}]: {exc}")
-    origins = set()
-    for i, text in enumerate(spec.get("allowedOrigins", [])):
-        try:
-            origins.add("*" if text == "*" else parse_origin(text))
-        except ValueError as exc:
-            problems.append(f"{where}.allowedOrigins[{i}]: {exc}")
-
-    if len(problems) > before or target is None or not complete:
-        return None
-    return Client(
-        label=label,
-        target=target,
-        secret_headers=tuple(secret_headers),
-        methods=frozenset(methods),
-        paths=tuple(paths),
-        origins=frozenset(origins),
-        read_timeout=spec.get("timeoutMs", 30_000) / 1000,
-        connect_timeout=spec.get("connectTimeoutMs", 5_000) / 1000,
-        limits=_limit_set(spec.get("limits", {})),
-        models=tuple(ModelPattern.compile(text) for text in spec.get("allowedModels", [])),
-        max_tokens=spec.get("maxTokens"),
-    )
-
-
-def _limit_set(spec: dict[str, Any]) -> LimitSet:
-    """Return the limits of a ``limits:`` entry (its rates were checked by the schema)."""
-    return LimitSet(
-        requests=tuple(parse_rate(text) for text in spec.get("requests", [])),
-        concurrent=spec.get("concurrent"),
-        tokens=tuple(parse_rate(text) for text in spec.get("tokens", [])),
-    )
 
 
 def _check_storage(url: str, problems: list[str]) -> None:
@@ -249,11 +179,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
     problems: list[str] = []
     warnings: list[str] = []
     clients_raw = raw.get("clients")
-    labels = (
-        {key: f"client#{i + 1}" for i, key in enumerate(clients_raw)}
-        if isinstance(clients_raw, dict)
-        else {}
-    )
+    labels = client_labels(clients_raw, problems) if isinstance(clients_raw, dict) else {}
 
     def name_of(section: str, key: Any) -> str:
         return labels[key] if section == "clients" else str(key)
@@ -282,7 +208,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
             spec.get("baseUrl", "").rstrip("/"),
             tuple(defaults.items()),
             **tls_files,
-            limits=_limit_set(spec.get("limits", {})),
+            limits=limit_set(spec.get("limits", {})),
             inject_usage=spec.get("injectUsage", True),
         )
 
@@ -297,17 +223,21 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         guarded += [env[var] for var in _VAR.findall(raw_value) if var in env]
     storage = data.get("limits", {}).get("storage", "sqlite")
     _check_storage(storage, problems)
-    clients: dict[bytes, Client] = {}
-    for key, spec in data.get("clients", {}).items():
-        known_targets = targets if "targets" in data else None
-        client = _build_client(key, labels[key], spec, known_targets, secrets, problems)
-        if client is not None:
-            clients[key_digest(key)] = client
+    clients, keys = build_clients(
+        clients_raw if isinstance(clients_raw, dict) else {},
+        data.get("clients", {}),
+        labels,
+        targets if "targets" in data else None,
+        secrets,
+        problems,
+    )
     if problems:
         raise ConfigError(problems)
     return GatewayConfig(
         targets=targets,
         clients=clients,
+        keys=keys,
+        origins=frozenset(origin for client in clients for origin in client.origins),
         secret_names=tuple(secrets),
         max_request_bytes=data.get("maxRequestBytes", DEFAULT_MAX_REQUEST_BYTES),
         body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
@@ -322,28 +252,65 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
 # --- reading the file ----------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key written twice (the second would silently win)."""
+_STR, _SEQ, _MAP, _MERGE = (f"tag:yaml.org,2002:{k}" for k in ("str", "seq", "map", "merge"))
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            continue  # unhashable: construct_mapping below refuses it with its mark
-        if duplicate:
-            # Not the key itself: under clients it is a client key.
-            raise yaml.constructor.ConstructorError(
-                None, None, "a key written twice in the same mapping", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node)
+# libyaml's parser when PyYAML has it (its wheels do): a 10,000-client file
+# loads in a fraction of the time the pure-Python one takes.
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """A SafeLoader that refuses a key written twice (the second would silently win).
 
+    Plain maps, lists and strings (nearly every node of a config) are built
+    directly; every other node goes through SafeLoader's own constructors.
+    That halves the time a large config takes to load.
+    """
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    def construct_document(self, node: yaml.Node) -> Any:
+        built: dict[int, Any] = {}  # by node: an alias is built once, however often used
+
+        def build(node: yaml.Node) -> Any:
+            if node.tag == _STR and isinstance(node, yaml.ScalarNode):
+                return node.value
+            if id(node) in built:
+                return built[id(node)]
+            data: Any
+            if node.tag == _MAP and isinstance(node, yaml.MappingNode):
+                data = built[id(node)] = {}
+                self._refuse_duplicates(node, build)
+                self.flatten_mapping(node)  # merge keys (<<) first, so written keys win
+                for key_node, value_node in node.value:
+                    data[build(key_node)] = build(value_node)
+            elif node.tag == _SEQ and isinstance(node, yaml.SequenceNode):
+                data = built[id(node)] = []
+                data.extend(build(item) for item in node.value)
+            else:
+                data = built[id(node)] = self.construct_object(node, deep=True)
+            return data
+
+        return build(node)
+
+    @staticmethod
+    def _refuse_duplicates(node: yaml.MappingNode, build: Any) -> None:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE:
+                continue
+            key = build(key_node)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "found unhashable key",
+                    key_node.start_mark,
+                ) from None
+            if duplicate:
+                # Not the key itself: under clients it may be a client key.
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key written twice in the same mapping", key_node.start_mark
+                )
+            seen.add(key)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> GatewayConfig:
@@ -360,18 +327,22 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> Gateway
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot be read ({type(exc).__name__})"]) from None
+    # Loading makes hundreds of thousands of objects that all live on; each
+    # collection would walk them again, which made a large file quadratic.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        config = parse_config(raw, env, path.parent)
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_problem(path, exc)]) from None
-    except RecursionError:
-        raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
-    try:
-        config = parse_config(raw, env, path.parent)
     except ConfigError as exc:
         raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
     except RecursionError:
         raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
+    finally:
+        if collecting:
+            gc.enable()
     return replace(config, warnings=tuple(f"{path}: {w}" for w in config.warnings))
 
 

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from .keys import PREFIX, instant, is_key_item
 from .limits import parse_rate
 
-__all__ = ["ConfigSchema", "ClientSchema", "TargetSchema", "checked_part"]
+__all__ = [
+    "CLIENT_NAME",
+    "NAME_RULE",
+    "ConfigSchema",
+    "ClientSchema",
+    "TargetSchema",
+    "checked_part",
+]
 
 _REQUIRED = {"required": "is required"}
+# Names go into logs, metrics and messages: plain, short, and never a path like "..".
+CLIENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
+NAME_RULE = (
+    "must be lowercase letters, digits, -, _ or ., start with a letter or digit, "
+    "and be at most 64 characters"
+)
 
 
 def _non_empty(hint: str) -> validate.Length:
@@ -47,24 +62,94 @@ class TargetSchema(Schema):
     injectUsage = fields.Boolean(truthy={True}, falsy={False})
 
 
+def _hash_problem(value: Any, shape: str) -> str:
+    # Never echo the value: it may be a live key pasted where its hash belongs.
+    if isinstance(value, str) and value.startswith(PREFIX):
+        return (
+            f"holds a key, not its hash; write {shape} "
+            "(`flask --app gateway keys hash` prints it) and keep the key out of the config"
+        )
+    return f"must be {shape}, the SHA-256 of the key in lowercase hex"
+
+
+class KeyItem(fields.Field):
+    """A key as ``sha256:<hex>``, or a map with ``sha256``, ``expires`` and ``notBefore``.
+
+    Checked by hand, not by a nested schema: a large config has thousands of
+    these, and a schema per item doubled the time it took to load.
+    """
+
+    _FIELDS = ("sha256", "expires", "notBefore")
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            if not is_key_item(value):
+                raise ValidationError(_hash_problem(value, "sha256:<64 hex digits>"))
+            return {"sha256": value.removeprefix("sha256:")}
+        if not isinstance(value, dict):
+            raise ValidationError(
+                "must be sha256:<64 hex digits>, "
+                "or a map with sha256 and optional expires and notBefore"
+            )
+        errors: dict[str, list[str]] = {}
+        item = {}
+        for name in value.keys() - set(self._FIELDS):
+            close = difflib.get_close_matches(str(name), self._FIELDS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            errors[str(name)] = [f"unknown field{hint}"]
+        digest = value.get("sha256")
+        if "sha256" not in value:
+            errors["sha256"] = ["is required"]
+        elif not (isinstance(digest, str) and is_key_item("sha256:" + digest)):
+            errors["sha256"] = [_hash_problem(digest, "<64 hex digits>")]
+        else:
+            item["sha256"] = digest
+        for name in ("expires", "notBefore"):
+            if name in value:
+                try:
+                    item[name] = instant(value[name])
+                except ValueError as exc:
+                    errors[name] = [str(exc)]
+        if "notBefore" in item and "expires" in item and item["notBefore"] >= item["expires"]:
+            errors["notBefore"] = ["must be before expires"]
+        if errors:
+            raise ValidationError(errors)
+        return item
+
+
+class Strings(fields.List):
+    """A list of strings, checked in one pass (a large config has tens of thousands)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(fields.String(), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        return super()._deserialize(value, attr, data, **kwargs)  # says which item is wrong
+
+
 class ClientSchema(Schema):
+    keys = fields.List(
+        KeyItem(),
+        validate=_non_empty("list each key as sha256:<hex> (`flask --app gateway keys new NAME`)"),
+    )
+    name = fields.String(validate=validate.Regexp(CLIENT_NAME, error=NAME_RULE))
     target = fields.String(required=True, error_messages=_REQUIRED)
     authHeaderRef = fields.String()
     rapidApiKeyRef = fields.String()
     secretHeaders = fields.Dict(keys=fields.String(), values=fields.String())
-    allowedMethods = fields.List(
-        fields.String(),
+    allowedMethods = Strings(
         required=True,
         error_messages=_REQUIRED,
         validate=_non_empty('write ["*"] to allow every method'),
     )
-    allowedPaths = fields.List(
-        fields.String(),
+    allowedPaths = Strings(
         required=True,
         error_messages=_REQUIRED,
         validate=_non_empty('write ["/**"] to allow every path'),
     )
-    allowedOrigins = fields.List(fields.String())
+    allowedOrigins = Strings()
     timeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 3_600_000))
     connectTimeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 600_000))
     limits = fields.Nested(ScopeLimitsSchema)
@@ -110,7 +195,10 @@ def checked_part(
     key)`` says how an entry is named in a problem (a client by position, never
     by its key).
     """
-    errors = ConfigSchema().validate(raw)
+    try:
+        return ConfigSchema().load(raw)  # a valid config: one pass
+    except ValidationError as exc:
+        errors = exc.messages
     passed: dict[str, Any] = {}
     for section, value in raw.items():
         if section not in errors:

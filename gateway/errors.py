@@ -48,7 +48,10 @@ CODES: dict[str, Code] = {
         400, "an LLM call (a JSON body with `model`) without `max_tokens` where a ceiling applies"
     ),
     "missing_client_key": Code(401, "no `Authorization: Bearer` (or `x-api-key`)"),
-    "invalid_client_key": Code(401, "the key is not in the config"),
+    "invalid_client_key": Code(
+        401, "the key is not in the config, or not valid yet (`notBefore`); a hash is not a key"
+    ),
+    "expired_client_key": Code(401, "the key's `expires` has passed"),
     "method_not_allowed": Code(403, "method outside `allowedMethods`"),
     "path_not_allowed": Code(403, "path outside `allowedPaths`"),
     "origin_not_allowed": Code(403, "browser `Origin` outside `allowedOrigins`"),

@@ -57,9 +57,10 @@ class _Plan:
     slots: list[tuple[str, int]]  # key, limit
     tokens: list[tuple[str, int, int]]  # key, budget, window end
     reservation: int
+    dry: bool = False  # check only
 
 
-def _plan(ask: Ask, now: float) -> _Plan:
+def _plan(ask: Ask, now: float, dry: bool = False) -> _Plan:
     requests, slots, tokens = [], [], []
     for scope, limits in ask.scopes:
         for rate in limits.requests:
@@ -70,7 +71,7 @@ def _plan(ask: Ask, now: float) -> _Plan:
         for rate in limits.tokens:
             key, end = counter_key("tok", scope, rate, now)
             tokens.append((key, rate.count, end))
-    return _Plan(requests, slots, tokens, ask.reservation)
+    return _Plan(requests, slots, tokens, ask.reservation, dry)
 
 
 def _verdict(plan: _Plan, now: float, used: list[int], failed: str | None, index: int) -> Verdict:
@@ -129,13 +130,16 @@ class Store:
     def __init__(self) -> None:
         self.leases = _Leases(self._renew)
 
-    def admit(self, ask: Ask, now: float | None = None) -> Verdict:
-        """Check and count ``ask`` atomically; the Verdict carries a ticket if admitted."""
+    def admit(self, ask: Ask, now: float | None = None, *, dry: bool = False) -> Verdict:
+        """Check and count ``ask`` atomically; the Verdict carries a ticket if admitted.
+
+        ``dry`` answers whether it would be admitted now, counting nothing.
+        """
         now = time.time() if now is None else now
-        plan = _plan(ask, now)
+        plan = _plan(ask, now, dry)
         ticket = Ticket(uuid.uuid4().hex)
         verdict = self._admit(plan, ticket.id, now)
-        if verdict.admitted:
+        if verdict.admitted and not dry:
             ticket.slots = [key for key, _ in plan.slots]
             ticket.reservations = [(key, plan.reservation) for key, _, _ in plan.tokens]
             verdict.ticket = ticket
@@ -261,6 +265,8 @@ class SQLiteStore(Store):
             spent, reserved = counter(key)
             if spent + reserved + plan.reservation > budget:
                 return _verdict(plan, now, used, "quota_exhausted", i)
+        if plan.dry:
+            return _verdict(plan, now, used, None, 0)
         for key, _, end, _ in plan.requests:
             db.execute(
                 "INSERT INTO counters VALUES (?, ?, 1, 0) "
@@ -350,6 +356,7 @@ for i, t in ipairs(a.tokens) do
     return cjson.encode({failed = 'quota_exhausted', index = i - 1, used = used})
   end
 end
+if a.dry then return cjson.encode({used = used}) end
 for i, r in ipairs(a.requests) do
   redis.call('INCR', r[1])
   redis.call('EXPIREAT', r[1], r[3] + 60)
@@ -433,6 +440,7 @@ class RedisStore(Store):
                     "lease": LEASE_SECONDS,
                     "ticket": ticket,
                     "reservation": plan.reservation,
+                    "dry": plan.dry,
                     "requests": [list(r[:3]) for r in plan.requests],
                     "slots": [list(s) for s in plan.slots],
                     "tokens": [list(t) for t in plan.tokens],

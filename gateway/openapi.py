@@ -26,6 +26,28 @@ _UPSTREAM_ANSWER = {
     "content": {"*/*": {"schema": {}}},
 }
 
+# What "Try it out" sends unless the reader edits it: a chat completion through
+# the envelope, which works with the clients in the README's examples.
+ENVELOPE_EXAMPLE = {
+    "method": "POST",
+    "path": "/chat/completions",
+    "headers": {"X-Title": "Try it out"},
+    "body": {
+        "model": "openai/gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+    },
+}
+
+_DESCRIPTION = """Client keys in, secret upstream keys added, answers streamed back.
+
+**Try it out from this page**: click *Authorize* and enter a client key. The
+browser sends this page's origin with every call, so the operator must list it
+in that client's `allowedOrigins` (for example `https://gateway.example.com`, or
+`http://127.0.0.1:8787` locally); otherwise the gateway answers
+`403 origin_not_allowed`. Use the envelope (`POST /proxy`) here: Swagger UI
+encodes the `/` inside `{path}` as `%2F`, which the transparent route refuses.
+"""
+
 _DOCS_PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -65,9 +87,9 @@ def build_spec() -> dict:
         version="1.0.0",
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
-        info={"description": "Client keys in, secret upstream keys added, answers streamed back."},
+        info={"description": _DESCRIPTION},
     )
-    spec.components.schema("Envelope", schema=EnvelopeSchema)
+    spec.components.schema("Envelope", {"example": ENVELOPE_EXAMPLE}, schema=EnvelopeSchema)
     spec.components.schema("Error", schema=ErrorSchema)
     spec.components.schema("Health", schema=HealthSchema)
     spec.components.security_scheme(

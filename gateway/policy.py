@@ -5,7 +5,6 @@ Plain Python with no Flask imports, so every rule is testable without a request.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING
 from .limits import LimitSet
 
 if TYPE_CHECKING:
+    from .keys import KeyItem
     from .llm import ModelPattern
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "PathPattern",
     "PolicyError",
     "Target",
-    "key_digest",
     "normalize_path",
     "parse_origin",
 ]
@@ -54,11 +53,6 @@ class PolicyError(Exception):
         self.code = code
         self.reason = reason
         self.subject = subject
-
-
-def key_digest(key: str) -> bytes:
-    """Return the digest a client key is looked up by (no timing leak on the key)."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 def normalize_path(raw: str) -> str:
@@ -202,7 +196,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Client:
-    """One client key's policy. ``label`` names it in logs without the key."""
+    """One client's policy. ``label`` names it in logs and messages, never by its key."""
 
     label: str
     target: Target
@@ -212,16 +206,19 @@ class Client:
     origins: frozenset[str] = frozenset()
     read_timeout: float = 30.0
     connect_timeout: float = 5.0
+    keys: tuple[KeyItem, ...] = field(default=(), repr=False)
     limits: LimitSet = LimitSet()
     models: tuple[ModelPattern, ...] = ()  # allowedModels; empty: any model
     max_tokens: int | None = None
 
-    def check(self, method: str, path: str) -> None:
-        """Raise ``PolicyError`` unless ``method`` on the normalized ``path`` is allowed."""
+    def check(self, method: str, path: str) -> PathPattern:
+        """Return the pattern that allows ``method`` on the normalized ``path``, or raise."""
         if "*" not in self.methods and method not in self.methods:
             raise PolicyError("method_not_allowed", f"may not use {method}")
-        if not any(pattern.matches(path) for pattern in self.paths):
-            raise PolicyError("path_not_allowed", "may not call this path")
+        for pattern in self.paths:
+            if pattern.matches(path):
+                return pattern
+        raise PolicyError("path_not_allowed", "may not call this path")
 
     def allows_origin(self, origin: str) -> bool:
         """Return whether a browser page on ``origin`` may use this client key."""

@@ -9,9 +9,10 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 from werkzeug.routing import PathConverter
 
@@ -19,17 +20,24 @@ from . import cors, egress
 from .config import GatewayConfig
 from .envelope import EnvelopeSchema, encoded_body, encoded_query
 from .errors import GatewayError
+from .explain import EXPLAIN
 from .headers import client_headers, readable_codings, response_headers, upstream_headers
 from .policy import METHODS, Client, PolicyError, normalize_path
 from .request_body import read_body
 from .spend import Admission, admit
-from .upstream import Call, UpstreamBroke, body_chunks
+from .upstream import Call, UpstreamBroke, body_chunks, prepare
 from .usage import UsageMeter, metered
 
 __all__ = ["bp"]
 
 bp = Blueprint("gateway", __name__)
 log = logging.getLogger(__name__)
+
+
+def _note(step: str, text: str) -> None:
+    explanation = request.environ.get(EXPLAIN)
+    if explanation is not None:
+        explanation.note(step, text)
 
 
 @bp.record_once
@@ -86,19 +94,29 @@ def _client_key() -> str:
 
 
 def _authenticate() -> Client:
-    client = _config().client_for(_client_key())
-    if client is None:
+    try:
+        client, item = _config().client_for(_client_key(), datetime.now(UTC))
+    except PolicyError as exc:
+        if exc.subject is not None:
+            # A known client's key outside its window: named, so an operator sees
+            # who still holds a retired key (the key itself is never logged).
+            log.warning("%s: a client key that %s was used", exc.subject, exc.reason)
         raise GatewayError(
-            "invalid_client_key",
-            "The client key is not known to this gateway.",
+            exc.code,
+            f"The client key {exc.reason}.",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    g.client = client
+        ) from None
+    _note("client", client.label)
+    _note("key", item.describe())
     origin = request.headers.get("Origin")
-    if origin is not None and not client.allows_origin(origin):
-        raise GatewayError(
-            "origin_not_allowed", "This client key may not be used from this web origin."
-        )
+    if origin is not None:
+        if not client.allows_origin(origin):
+            raise GatewayError(
+                "origin_not_allowed",
+                "This client key may not be used from this web origin; "
+                "the operator can add it to the client's allowedOrigins.",
+            )
+        _note("origin", f"{origin} is in allowedOrigins")
     return client
 
 
@@ -120,13 +138,18 @@ def _answer_preflight():
 
 @bp.after_request
 def _add_cors_headers(response: Response) -> Response:
-    """Let an allowed page read the answer; before a key is known, any client's origin counts."""
+    """Let a page read the answer if some client allows its origin.
+
+    An upstream's answer only ever reaches a page its own client allows (any
+    other origin is refused before forwarding), and a refusal (401, 403) must be
+    readable by any page some client allows, or its developer sees only
+    "Failed to fetch".
+    """
     origin = request.headers.get("Origin")
     if origin is None or "Access-Control-Allow-Origin" in response.headers:
         return response
     response.vary.add("Origin")
-    client = g.get("client")
-    if client.allows_origin(origin) if client else _config().any_client_allows(origin):
+    if _config().any_client_allows(origin):
         response.headers.update(cors.response_headers(origin, response.headers.keys()))
     return response
 
@@ -135,9 +158,11 @@ def _allowed_path(client: Client, method: str, raw_path: str) -> str:
     """Return the normalized path if ``client`` may call ``method`` on it; raise otherwise."""
     try:
         path = normalize_path(raw_path)
-        client.check(method, path)
+        pattern = client.check(method, path)
     except PolicyError as exc:
         raise _policy_error(exc) from None
+    _note("method", f"{method} is in allowedMethods")
+    _note("path", f"{path} matches allowedPaths pattern {pattern.text}")
     return path
 
 
@@ -151,6 +176,11 @@ def _forward(call: Call, admission: Admission) -> Response:
     The pipeline: upstream chunks -> egress scan -> usage meter -> client. Whatever
     ends the response, ``admission.finish`` runs once (slot freed, tokens settled).
     """
+    explanation = request.environ.get(EXPLAIN)
+    if explanation is not None:
+        # flask explain: everything up to here ran as for a live request; nothing is sent.
+        explanation.call, explanation.prepared = call, prepare(call)
+        return Response(status=204)
     config = _config()
     try:
         upstream = current_app.extensions["gateway.upstream"].send(call)
@@ -293,19 +323,27 @@ def _outgoing_headers(
 def _spend(client: Client, path: str, body: bytes | None, query: str) -> Admission:
     """Apply the client's model, ceiling and limit rules to one call (spend.admit)."""
     config = _config()
+    dry = EXPLAIN in request.environ  # flask explain: check the limits, count nothing
     try:
-        return admit(
+        admission = admit(
             client,
             current_app.extensions["gateway.limits"],
             config.fail_open,
             path,
             body,
             parse_qsl(query, keep_blank_values=True),
+            dry=dry,
         )
     except PolicyError as exc:
         if exc.code == "invalid_json":
             raise GatewayError("invalid_json", f"The request body {exc.reason}.") from None
         raise _policy_error(exc) from None
+    if admission.llm.model is not None:
+        _note("model", f"{admission.llm.model} (max tokens {admission.llm.ceiling or 'not set'})")
+    if admission.headers:
+        limits = ", ".join(f"{k}: {v}" for k, v in admission.headers.items())
+        _note("limits", f"admitted now ({limits})")
+    return admission
 
 
 @bp.post("/proxy")

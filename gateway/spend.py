@@ -78,6 +78,8 @@ def admit(
     path: str,
     body: bytes | None,
     query: Iterable[tuple[str, str]],
+    *,
+    dry: bool = False,
 ) -> Admission:
     """Check ``client``'s model, ceiling and limits for one call; raise GatewayError if refused."""
     target = client.target
@@ -103,7 +105,7 @@ def admit(
         scopes = tuple((s, limits) for s, limits in scopes if limits)
     reservation = llm.reservation(len(admission.body or body or b"")) if llm.model else 0
     try:
-        verdict = store.admit(Ask(scopes, reservation))
+        verdict = store.admit(Ask(scopes, reservation), dry=dry)
     except StoreUnavailable as exc:
         if fail_open:
             log.warning("%s: limits unavailable (%s); let through (failOpen)", client.label, exc)
@@ -116,6 +118,8 @@ def admit(
     if not verdict.admitted:
         raise GatewayError(verdict.code, _REFUSALS[verdict.code], headers=admission.headers)
     admission.ticket = verdict.ticket
+    if dry:
+        admission.store = None  # nothing was counted, so nothing to settle
     return admission
 
 

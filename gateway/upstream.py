@@ -19,7 +19,7 @@ from . import tls
 from .errors import GatewayError
 from .policy import Client
 
-__all__ = ["Call", "Upstream", "UpstreamBroke", "body_chunks", "init_app"]
+__all__ = ["Call", "Upstream", "UpstreamBroke", "body_chunks", "init_app", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +96,10 @@ class Upstream:
     def send(self, call: Call) -> requests.Response:
         """Send ``call`` and return the response with its body not yet read."""
         client = call.client
-        url = client.target.base_url + call.path
-        if call.query:
-            url += "?" + call.query
-        # Only the steps that apply: no cookies, URL credentials or hooks ever do here,
-        # and skipping them saves a tenth of the time a forwarded call costs.
-        prepared = requests.PreparedRequest()
-        prepared.prepare_method(call.method)
-        prepared.prepare_url(url, None)
-        prepared.prepare_headers(call.headers)
-        prepared.prepare_body(call.body, None)
+        prepared = prepare(call)
         verify, cert = tls.send_settings(client.target)
         try:
-            return self.session.get_adapter(url).send(
+            return self.session.get_adapter(prepared.url).send(
                 prepared,
                 stream=True,
                 timeout=(client.connect_timeout, client.read_timeout),
@@ -143,6 +134,21 @@ class Upstream:
                 client.target.name,
             )
             raise _tls_error() from None
+
+
+def prepare(call: Call) -> requests.PreparedRequest:
+    """Return the request ``call`` sends upstream: method, URL, headers and body."""
+    url = call.client.target.base_url + call.path
+    if call.query:
+        url += "?" + call.query
+    # Only the steps that apply: no cookies, URL credentials or hooks ever do here,
+    # and skipping them saves a tenth of the time a forwarded call costs.
+    prepared = requests.PreparedRequest()
+    prepared.prepare_method(call.method)
+    prepared.prepare_url(url, None)
+    prepared.prepare_headers(call.headers)
+    prepared.prepare_body(call.body, None)
+    return prepared
 
 
 def _timeout() -> GatewayError:

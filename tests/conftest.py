@@ -75,19 +75,29 @@ def page_origin():
 @pytest.fixture(scope="session")
 def gateway(fake_upstream, tmp_path_factory, page_origin):
     """The real app under gunicorn (shipped gunicorn.conf.py) against the fake upstream."""
+    from gateway.keys import key_item
+
     from .live_gateway import LiveGateway, free_port
-    from .support import live_config
+    from .support import BROWSER_KEY, DOCS_KEY, LIVE_KEYS, live_config
 
     folder = tmp_path_factory.mktemp("gateway")
     config = live_config(fake_upstream.url, f"http://127.0.0.1:{free_port()}", page_origin)
     # Proxy variables point at a closed port: a gateway that read them would fail every call.
     dead_proxy = f"http://127.0.0.1:{free_port()}"
     env = {**CANARIES, "HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy, "ALL_PROXY": dead_proxy}
-    live = LiveGateway(
-        write_config(folder / "config.yaml", config), env, folder / "gunicorn.log"
-    ).start()
+    path = folder / "config.yaml"
+    live = LiveGateway(str(path), env, folder / "gunicorn.log")
+    # The /docs page calls from the gateway's own origin: one client allows it.
+    config["clients"]["docs-try"] = {**config["clients"][BROWSER_KEY], "keys": [key_item(DOCS_KEY)]}
+    config["clients"]["docs-try"]["allowedOrigins"] = [live.url]
+    write_config(path, config)
+    live.start()
     yield live
     live.stop()
-    # Secret egress: no canary in anything the gateway logged during the whole session.
+    # Secret egress: no canary in anything the gateway logged during the whole session,
+    # and no client key either (clients are named in logs, never by key).
+    log = live.log_text()
     for value in CANARIES.values():
-        assert value not in live.log_text(), "a secret reached the gateway's log"
+        assert value not in log, "a secret reached the gateway's log"
+    for key in [k for k in config["clients"] if "keys" not in config["clients"][k]] + LIVE_KEYS:
+        assert key not in log, "a client key reached the gateway's log"

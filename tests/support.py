@@ -78,6 +78,33 @@ ANTHROPIC_KEY = "ck-test-anthropic-0123456789"
 BROWSER_KEY = "ck-test-browser-0123456789"
 
 
+# Named clients with hashed keys (the gk_ format keys new makes).
+NAMED_KEY = "gk_abcXFIytkLIvEMe3nYOKlfiBmt7GDJKY3OeLYBfIk5T1EBgdd"
+NEXT_KEY = "ck-test-named-next-0123456789"  # a second key: rotation with overlap
+EXPIRED_KEY = "ck-test-named-expired-0123456789"
+EARLY_KEY = "ck-test-named-early-0123456789"
+DOCS_KEY = "ck-test-docs-try-0123456789"  # a named client that allows the gateway's own origin
+LIVE_KEYS = [NAMED_KEY, NEXT_KEY, EXPIRED_KEY, EARLY_KEY, DOCS_KEY]
+
+
+def named_client() -> dict:
+    """Return a named client ``chat-app`` with an active, a rotated-in, an expired, an early key."""
+    from gateway.keys import key_item
+
+    return {
+        "keys": [
+            key_item(NAMED_KEY),
+            {"sha256": key_item(NEXT_KEY)[7:], "notBefore": "2020-01-01"},
+            {"sha256": key_item(EXPIRED_KEY)[7:], "expires": "2021-01-31T00:00:00Z"},
+            {"sha256": key_item(EARLY_KEY)[7:], "notBefore": "2999-01-01T00:00:00+02:00"},
+        ],
+        "target": "api",
+        "authHeaderRef": "openai",
+        "allowedMethods": ["POST"],
+        "allowedPaths": ["/chat/completions"],
+    }
+
+
 def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
     """Return the test config against a real upstream, plus slow, dead, SDK and browser clients."""
     config = base_config(upstream_url + "/v1")
@@ -105,6 +132,7 @@ def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
         "allowedPaths": ["/**"],
         "timeoutMs": 500,
     }
+    config["clients"]["chat-app"] = named_client()
     config["clients"][DEAD_KEY] = {
         "target": "dead",
         "authHeaderRef": "openai",

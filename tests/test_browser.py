@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from .live_gateway import free_port
-from .support import BROWSER_KEY
+from .support import BROWSER_KEY, CANARIES, CHAT_KEY, DOCS_KEY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # What the workplace's closed network and root user need (see README, Tests).
@@ -139,3 +139,44 @@ def test_browser_envelope_stream_and_blocked_origin(browser, pages, gateway, fak
     outcome = other.evaluate("([g, k]) => attempt(g, k)", [gateway.url, BROWSER_KEY])
     assert outcome == "blocked: TypeError"
     assert len(fake_upstream.seen) == before  # the preflight stopped it before any upstream call
+
+
+def test_a_refusal_is_readable_by_a_page_some_client_allows(browser, pages, gateway, fake_upstream):
+    allowed_origin, _ = pages
+    page = browser.new_page()
+    page.goto(allowed_origin + "/")
+    before = len(fake_upstream.seen)
+    # CHAT_KEY's client does not allow this page; BROWSER_KEY's does. The page
+    # reads the 403 and its code instead of a bare "Failed to fetch".
+    outcome = page.evaluate(
+        """async ([g, k]) => {
+          const r = await fetch(g + "/proxy", {method: "POST",
+            headers: {"Authorization": "Bearer " + k, "Content-Type": "application/json"},
+            body: JSON.stringify({path: "/models"})});
+          return {status: r.status, body: await r.json()};
+        }""",
+        [gateway.url, CHAT_KEY],
+    )
+    assert outcome["status"] == 403
+    assert outcome["body"]["error"] == "origin_not_allowed"
+    assert len(fake_upstream.seen) == before
+
+
+def test_docs_try_it_out_calls_through_the_gateway(browser, gateway, fake_upstream):
+    page = browser.new_page()
+    page.goto(gateway.url + "/docs")
+    page.click("button.authorize")
+    page.fill(".modal-ux input[type=text]", DOCS_KEY)
+    page.click(".modal-ux button.authorize")
+    page.click(".modal-ux button.btn-done")
+    page.click("#operations-default-proxyEnvelope .opblock-summary")
+    page.click("#operations-default-proxyEnvelope .try-out__btn")
+    page.click("#operations-default-proxyEnvelope .execute")
+    status = page.wait_for_selector(
+        "#operations-default-proxyEnvelope .live-responses-table tbody .response-col_status",
+        timeout=10_000,
+    )
+    assert status.inner_text().strip().startswith("200"), status.inner_text()
+    seen = fake_upstream.last("/v1/chat/completions")
+    assert seen.headers["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
+    assert b"Say hello" in seen.body  # the example envelope, sent as it is shown

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from gateway import create_app
 from gateway.config import ConfigError
+from gateway.keys import KEY_PATTERN, checksum_ok, key_item, new_key
 
-from .support import CANARIES, assert_no_canary, base_config, write_config
+from .support import (
+    CANARIES,
+    CHAT_KEY,
+    READONLY_KEY,
+    assert_no_canary,
+    base_config,
+    named_client,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +105,106 @@ def test_create_app_raises_the_problems(tmp_path):
     with pytest.raises(ConfigError) as info:
         create_app({"GATEWAY_CONFIG": str(path), "GATEWAY_ENVIRON": {}})
     assert info.value.problems == [f"{path}: bogus: unknown field"]
+
+
+# --- flask keys, and what check-config says about keys ----------------------------
+
+
+def test_keys_new_prints_a_key_once_and_the_item_that_stands_for_it(runner):
+    result = runner.invoke(args=["keys", "new", "chat-app"])
+    assert result.exit_code == 0, result.output
+    (key,) = re.findall(KEY_PATTERN, result.output)
+    assert checksum_ok(key)
+    assert result.output.count(key) == 1
+    assert f"  - {key_item(key)}" in result.output.splitlines()
+    assert "clients.chat-app.keys" in result.output
+    second = runner.invoke(args=["keys", "new", "chat-app"]).output
+    assert key not in second
+
+
+@pytest.mark.parametrize("name", ["Chat", "-x", "a b", "a" * 65])
+def test_keys_new_refuses_a_name_that_breaks_the_rule(runner, name):
+    result = runner.invoke(args=["keys", "new", "--", name])
+    assert result.exit_code == 2
+    assert "must be lowercase letters" in result.output
+
+
+def test_keys_hash_reads_stdin_and_never_echoes_the_key(runner):
+    key = new_key()
+    result = runner.invoke(args=["keys", "hash"], input=key + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == key_item(key) + "\n"
+    assert key not in result.output
+
+
+def test_keys_hash_names_the_plaintext_client_it_migrates(runner):
+    result = runner.invoke(args=["keys", "hash"], input=CHAT_KEY)
+    assert result.exit_code == 0
+    assert result.stdout == key_item(CHAT_KEY) + "\n"
+    assert "plaintext key of clients.client#1" in result.stderr
+    assert CHAT_KEY not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "give exactly one client key"),
+        ("a\nb\n", "give exactly one client key"),
+        ("key with space", "printable ASCII with no spaces"),
+        (key_item("x"), "already a key hash"),
+    ],
+)
+def test_keys_hash_refuses_what_is_not_one_key(runner, text, message):
+    result = runner.invoke(args=["keys", "hash"], input=text)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert result.stdout == ""
+
+
+def test_keys_hash_warns_about_a_cut_gk_key(runner):
+    key = new_key()[:-1]
+    result = runner.invoke(args=["keys", "hash"], input=key)
+    assert result.exit_code == 0
+    assert "checksum does not match" in result.stderr
+    assert key not in result.output
+
+
+def test_check_config_warns_about_plaintext_and_counts_active_keys(runner, tmp_path):
+    now = datetime.now(UTC)
+    raw = base_config()
+    raw["clients"][CHAT_KEY]["name"] = "legacy-chat"
+    raw["clients"]["chat-app"] = {
+        **named_client(),
+        "keys": [
+            key_item("a"),
+            {"sha256": key_item("b")[7:], "expires": (now + timedelta(days=3)).isoformat()},
+            {"sha256": key_item("c")[7:], "expires": "2021-01-01"},
+        ],
+    }
+    raw["clients"]["retired"] = {
+        **named_client(),
+        "keys": [{"sha256": key_item("d")[7:], "expires": "2021-01-01"}],
+    }
+    path = write_config(tmp_path / "c.yaml", raw)
+    result = runner.invoke(args=["check-config", "--config", path])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(
+        line.startswith("  chat-app -> api:") and line.endswith("keys: 2 of 3 active")
+        for line in lines
+    )
+    plaintext = [line for line in lines if "plaintext in the config;" in line]
+    assert [line.split(":")[0].strip() for line in plaintext] == [
+        "clients.legacy-chat",
+        "clients.client#2",
+        "clients.client#3",
+    ]
+    assert all("flask --app gateway keys hash" in line for line in plaintext)
+    (soon,) = [line for line in lines if line.startswith("  clients.chat-app.keys[1]: expires at")]
+    assert (
+        "(in 2 days); give the client a new key (`flask --app gateway keys new chat-app`)" in soon
+    )
+    assert "  clients.chat-app.keys[2]: expired at 2021-01-01T00:00:00Z; remove it" in lines
+    assert "  clients.retired: no key is active now, so every call is refused" in lines
+    for key in (CHAT_KEY, READONLY_KEY):
+        assert key not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, load_config, parse_config
+from gateway.policy import PolicyError
 
 from .support import CANARIES, CHAT_KEY, base_config
 
@@ -20,14 +22,22 @@ def problems_of(raw, env=None) -> list[str]:
     return info.value.problems
 
 
+def client_of(config, key):
+    """Return the client ``key`` opens now, or None if it opens none."""
+    try:
+        return config.client_for(key, datetime.now(UTC))[0]
+    except PolicyError:
+        return None
+
+
 def test_valid_config_loads_clients_by_key():
     config = parse_config(base_config(), CANARIES)
-    client = config.client_for(CHAT_KEY)
+    client = client_of(config, CHAT_KEY)
     assert client is not None and client.target.name == "api"
     assert ("Authorization", "Bearer " + CANARIES["CANARY_OPENAI"]) in client.secret_headers
     assert ("x-api-key", CANARIES["CANARY_ANTHROPIC"]) in client.secret_headers
     assert client.read_timeout == 30 and client.connect_timeout == 5
-    assert config.client_for("ck-unknown") is None
+    assert client_of(config, "ck-unknown") is None
     assert config.max_request_bytes == 10 * 1024 * 1024
 
 
@@ -58,8 +68,9 @@ def test_seed_shaped_config_works_unchanged():
         },
     }
     config = parse_config(seed, {"OPENROUTER_KEY_MAIN": "a", "RAPID_KEY_1": "b"})
-    assert config.client_for("robot-2").secret_headers == (("X-RapidAPI-Key", "b"),)
-    assert config.client_for("robot-1").read_timeout == 60
+    assert client_of(config, "robot-2").secret_headers == (("X-RapidAPI-Key", "b"),)
+    assert client_of(config, "robot-1").read_timeout == 60
+    assert [c.label for c in config.clients] == ["client#1", "client#2"]
 
 
 def broken(mutate):
@@ -360,11 +371,11 @@ def test_a_misspelt_target_field_is_named_not_crashed():
 
 def test_client_keys_are_never_printed_in_problems():
     raw = base_config()
-    raw["clients"][CHAT_KEY]["name"] = "x"
+    raw["clients"][CHAT_KEY]["nmae"] = "x"
     raw["clients"][CHAT_KEY]["allowedMethods"] = ["GETT"]
     raw["clients"]["ck-second-secretish-key"] = {"target": "nope"}
     problems = problems_of(raw)
-    assert "clients.client#1.name: unknown field" in problems
+    assert "clients.client#1.nmae: unknown field; did you mean name?" in problems
     assert any(p.startswith("clients.client#4.") for p in problems)
     for problem in problems:
         assert CHAT_KEY not in problem and "ck-second-secretish-key" not in problem

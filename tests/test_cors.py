@@ -85,16 +85,24 @@ def test_allowed_origin_gets_the_answer_with_exposed_headers(client, upstream):
 
 
 @pytest.mark.parametrize(
-    ("key", "origin"),
-    [(CHAT_KEY, "https://evil.example"), (READONLY_KEY, APP_ORIGIN)],
+    ("key", "origin", "readable"),
+    [
+        # No client allows this origin: the browser hides even the refusal.
+        (CHAT_KEY, "https://evil.example", False),
+        # Another client allows it: the page can read why it was refused.
+        (READONLY_KEY, APP_ORIGIN, True),
+    ],
 )
-def test_origin_not_allowed_for_this_client_is_refused(client, upstream, key, origin):
+def test_origin_not_allowed_for_this_client_is_refused(client, upstream, key, origin, readable):
     response = client.get(
         "/proxy/models", headers={"Authorization": f"Bearer {key}", "Origin": origin}
     )
     assert response.status_code == 403
     assert response.get_json()["error"] == "origin_not_allowed"
-    assert "Access-Control-Allow-Origin" not in response.headers
+    assert ("Access-Control-Allow-Origin" in response.headers) is readable
+    if readable:
+        assert response.headers["Access-Control-Allow-Origin"] == origin
+        assert "Origin" in response.headers["Vary"]
     assert len(upstream.calls) == 0
 
 

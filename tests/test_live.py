@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import threading
 import time
 
 import pytest
 import requests
+
+from gateway.keys import key_item
 
 from .fake_upstream import GZIP_TEXT, PATTERN
 from .live_gateway import LiveGateway
@@ -16,6 +20,11 @@ from .support import (
     CANARIES,
     CHAT_KEY,
     DEAD_KEY,
+    DOCS_KEY,
+    EARLY_KEY,
+    EXPIRED_KEY,
+    NAMED_KEY,
+    NEXT_KEY,
     SLOW_KEY,
     assert_no_canary,
     base_config,
@@ -191,3 +200,84 @@ def test_invalid_config_refuses_to_start(tmp_path):
     assert "environment variable NOT_SET_FOR_THIS_TEST is not set" in log
     assert "Traceback" not in log
     assert_no_canary(log)
+
+
+@pytest.mark.parametrize("key", [NAMED_KEY, NEXT_KEY])
+def test_a_hashed_key_opens_its_named_client_and_the_secret_arrives(gateway, fake_upstream, key):
+    response = requests.post(
+        gateway.url + "/proxy/chat/completions",
+        json={"model": "m"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    seen = fake_upstream.last("/v1/chat/completions")
+    assert seen.headers["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
+    assert key not in str(seen.headers) + seen.body.decode()
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [
+        (EXPIRED_KEY, "expired_client_key"),
+        (EARLY_KEY, "invalid_client_key"),
+        (key_item(NAMED_KEY), "invalid_client_key"),
+        (key_item(NAMED_KEY)[7:], "invalid_client_key"),
+    ],
+)
+def test_expired_early_and_hash_keys_get_401_under_gunicorn(gateway, fake_upstream, key, code):
+    before = len(fake_upstream.seen)
+    response = requests.post(
+        gateway.url + "/proxy/chat/completions",
+        json={"model": "m"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert response.status_code == 401
+    assert response.json()["error"] == code
+    assert len(fake_upstream.seen) == before
+    if code == "expired_client_key":
+        deadline = time.monotonic() + 5
+        while "chat-app: a client key that expired at" not in gateway.log_text():
+            assert time.monotonic() < deadline, "the expired key's use was not logged"
+            time.sleep(0.05)
+
+
+def test_the_docs_example_envelope_is_forwarded_from_the_gateways_own_origin(
+    gateway, fake_upstream
+):
+    from gateway.openapi import ENVELOPE_EXAMPLE
+
+    response = requests.post(
+        gateway.url + "/proxy",
+        json=ENVELOPE_EXAMPLE,
+        headers={"Authorization": f"Bearer {DOCS_KEY}", "Origin": gateway.url},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["Access-Control-Allow-Origin"] == gateway.url
+    seen = fake_upstream.last("/v1/chat/completions")
+    assert json.loads(seen.body) == ENVELOPE_EXAMPLE["body"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"Bearer {CHAT_KEY}",  # no colon: gunicorn names the whole line in its warning
+        f": Bearer {CHAT_KEY}",
+        f"Authori zation: Bearer {CHAT_KEY}",
+    ],
+)
+def test_a_malformed_header_line_never_puts_a_key_in_the_log(gateway, line):
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(f"GET /proxy/models HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode())
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400")
+    marker = f"marker-{time.monotonic_ns()}"
+    requests.get(f"{gateway.url}/health?{marker}", timeout=10)
+    deadline = time.monotonic() + 5
+    while marker not in gateway.log_text():  # the log is written up to our marker
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "Invalid request from ip=127.0.0.1" in gateway.log_text()
+    assert CHAT_KEY not in gateway.log_text()
