@@ -24,6 +24,8 @@ from .policy import METHODS, Client, PathPattern, PolicyError, Target, key_diges
 __all__ = ["ConfigError", "GatewayConfig", "environment", "init_app", "load_config", "parse_config"]
 
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
+# Below the 5 s keep-alive timeout of uvicorn, Node and many load balancers' backends.
+DEFAULT_UPSTREAM_IDLE_MS = 4_000
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -51,6 +53,7 @@ class GatewayConfig:
     body_timeout: float = 30.0
     write_timeout: float = 60.0
     guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
+    upstream_idle: float = DEFAULT_UPSTREAM_IDLE_MS / 1000
 
     def client_for(self, key: str) -> Client | None:
         """Return the client whose key is ``key``, or None."""
@@ -231,6 +234,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> GatewayConfig:
         body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
         write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
         guarded=guarded_variants(guarded) if data.get("egressGuard", True) else (),
+        upstream_idle=data.get("upstreamIdleMs", DEFAULT_UPSTREAM_IDLE_MS) / 1000,
     )
 
 

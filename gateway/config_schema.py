@@ -62,6 +62,7 @@ class ConfigSchema(Schema):
     bodyTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
     writeTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
     egressGuard = fields.Boolean(truthy={True}, falsy={False})
+    upstreamIdleMs = fields.Integer(strict=True, validate=validate.Range(0, 600_000))
 
 
 _SECTIONS = {"targets": TargetSchema, "clients": ClientSchema}
