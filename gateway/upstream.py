@@ -1,4 +1,4 @@
-"""Upstream calls: one pooled Session per worker process, streaming, fault mapping."""
+"""Upstream calls: one pooled Session per worker process, streaming, fault mapping, resends."""
 
 from __future__ import annotations
 
@@ -122,9 +122,10 @@ class Upstream:
                 call.method, call.headers, reused=closed.reused, written=closed.written
             ):
                 log.warning(
-                    "%s: upstream %s closed the connection before answering",
+                    "%s: upstream %s closed the connection before answering (%s not retried)",
                     client.label,
                     client.target.name,
+                    call.method,
                 )
                 raise _broken() from None
         # Counted here: one line per resend, whatever its outcome (logged below if it fails).
