@@ -1,6 +1,6 @@
 """Run the whole benchmark on loopback and print (or write) the Markdown report.
 
-    .venv/bin/python -m bench [--runs 3] [--duration 8] [--write]
+    .venv/bin/python -m bench [--runs 3] [--duration 8] [--random-timing 1000] [--write]
 
 Starts the fast upstream, the two floors, the gateway, the seed-design peer and nginx
 (if installed), all with the gateway's worker count; then the same upstream over HTTPS
@@ -36,6 +36,9 @@ KEY = "ck-bench-client-key"
 SECRET = "Bearer bench-upstream-secret-placeholder"
 ENVELOPE = '{"method":"GET","path":"/models"}'
 MB = 1024 * 1024
+# The random-timing round: gaps random around 100 ms, the connection closed after each stream.
+RANDOM_SSE = "/sse?events=20&interval=0.1&jitter=1&close=1"
+SPREAD = 4.0  # seconds over which its streams open
 
 
 def free_port() -> int:
@@ -181,17 +184,23 @@ class Bench:
         return path
 
     def start(
-        self, name: str, command: list[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
-            command, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=cwd, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
         )
         self.processes.append(process)
         wait_for(self.ports[name])
         return process
 
-    def gunicorn(self, name: str, app: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def gunicorn(
+        self, name: str, app: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> subprocess.Popen:
         return self.start(
             name,
             [
@@ -205,6 +214,7 @@ class Bench:
                 app,
             ],
             env,
+            cwd,
         )
 
     def nginx(self) -> subprocess.Popen | None:
@@ -375,6 +385,39 @@ http {{
             rows.append(row)
         return rows
 
+    def random_stream_run(self, count: int, gateway: str = "gateway") -> dict:
+        """One round of ``count`` streams opened at random times, events at random gaps.
+
+        The upstream closes each connection after its stream without saying so, so a
+        connection the gateway pools may be closed when the next stream reuses it.
+        """
+        log = self.tmp / f"{gateway}.log"
+        before = log.read_text(errors="replace")
+        through = run_client(
+            "streams", self.ports[gateway], "/proxy" + RANDOM_SSE, count, SPREAD, KEY
+        )
+        after = log.read_text(errors="replace")[len(before) :]
+        delays = sorted(d * 1000 for stream in through for d in stream)
+        return {
+            "streams": count,
+            "whole": sum(len(stream) == 20 for stream in through),
+            "delivered": len(delays),
+            "expected": count * 20,
+            "p50": _pct(delays, 50),
+            "p99": _pct(delays, 99),
+            "retried": after.count("retried on a new connection"),
+        }
+
+    def random_streaming(self) -> dict:
+        """Return the median figures of the random-timing rounds; the fewest whole streams."""
+        runs = [self.random_stream_run(self.args.random_timing) for _ in range(self.args.runs)]
+        row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        row["streams"], row["expected"] = runs[0]["streams"], runs[0]["expected"]
+        row["whole"] = min(run["whole"] for run in runs)
+        row["delivered"] = min(run["delivered"] for run in runs)
+        row["retried"] = [run["retried"] for run in runs]
+        return row
+
     def large_body(self) -> dict:
         size = self.args.big_mb * MB
         direct = run_client("big", self.ports["upstream"], f"/v1/big?bytes={size}", "-")
@@ -457,11 +500,15 @@ http {{
             self.throughput(systems)
             print("streams...", file=sys.stderr)
             streams = self.streaming()
+            random_streams = None
+            if self.args.random_timing:
+                print("streams with random timing...", file=sys.stderr)
+                random_streams = self.random_streaming()
             print("large body...", file=sys.stderr)
             big = self.large_body()
         finally:
             self.stop()
-        return report(self.args, systems, streams, big)
+        return report(self.args, systems, streams, random_streams, big)
 
 
 def _pct(values: list[float], pct: int) -> float:
@@ -531,7 +578,9 @@ def tls_report(args, systems: list[System]) -> str:
     )
 
 
-def report(args, systems: list[System], streams: list[dict], big: dict) -> str:
+def report(
+    args, systems: list[System], streams: list[dict], random_streams: dict | None, big: dict
+) -> str:
     by_name = {s.name: s for s in systems}
     gateway = by_name["gateway, envelope"]
     med = statistics.median
@@ -604,6 +653,24 @@ def report(args, systems: list[System], streams: list[dict], big: dict) -> str:
         )
     top = streams[-1]
     added_stream_p99 = top["p99"] - top["direct_p99"]
+    if random_streams is not None:
+        row = random_streams
+        lines += [
+            "",
+            f"## Streams with random timing ({row['streams']} streams opened at random over "
+            f"{SPREAD:g} s, 20 events each at random gaps of 0 to 200 ms)",
+            "",
+            "The upstream closes each connection after its stream without saying so (no "
+            "`Connection: close`), as a server does when its keep-alive timeout fires, so "
+            "a pooled connection may be closed just as the next stream reuses it.",
+            "",
+            "| streams | whole streams | events delivered | delay p50 / p99 ms "
+            "| calls sent again, per round |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            f"| {row['streams']} | {row['whole']} / {row['streams']} | "
+            f"{row['delivered']} / {row['expected']} | {row['p50']:.1f} / {row['p99']:.1f} | "
+            f"{', '.join(map(str, row['retried']))} |",
+        ]
     lines += [
         "",
         "## Large body",
@@ -647,6 +714,12 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument(
         "--streams", type=lambda s: [int(x) for x in s.split(",")], default=[100, 500, 1000]
+    )
+    parser.add_argument(
+        "--random-timing",
+        type=int,
+        default=1000,
+        help="streams in the random-timing round (0 skips it)",
     )
     parser.add_argument("--big-mb", type=int, default=100)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")

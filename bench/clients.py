@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
 
@@ -17,8 +18,9 @@ async def _open(port: int, target: str, headers: dict[str, str]):
     return reader, writer, head.decode("latin-1")
 
 
-async def _sse(port: int, target: str, headers: dict[str, str]) -> list[float]:
-    """Read one chunked SSE stream; return each event's delay after its send time."""
+async def _sse(port: int, target: str, headers: dict[str, str], start: float = 0) -> list[float]:
+    """Read one chunked SSE stream, opened after ``start`` s; return each event's delay."""
+    await asyncio.sleep(start)
     delays: list[float] = []
     reader, writer, head = await _open(port, target, headers)
     if " 200 " not in head.split("\r\n", 1)[0]:
@@ -38,12 +40,15 @@ async def _sse(port: int, target: str, headers: dict[str, str]) -> list[float]:
     return delays
 
 
-def streams(port: int, target: str, headers: dict[str, str], count: int) -> list[list[float]]:
-    """Open ``count`` SSE streams at once; return the delays of each."""
+def streams(
+    port: int, target: str, headers: dict[str, str], count: int, spread: float = 0
+) -> list[list[float]]:
+    """Open ``count`` SSE streams, each at a random time within ``spread`` s; return the delays."""
 
     async def run():
+        starts = [random.uniform(0, spread) for _ in range(count)]
         results = await asyncio.gather(
-            *(_sse(port, target, headers) for _ in range(count)), return_exceptions=True
+            *(_sse(port, target, headers, start) for start in starts), return_exceptions=True
         )
         return [r if isinstance(r, list) else [] for r in results]
 
@@ -76,14 +81,15 @@ def big_body(port: int, target: str, headers: dict[str, str]) -> tuple[int, floa
 
 
 def main() -> None:
-    """``python -m bench.clients streams PORT TARGET COUNT KEY`` or ``big PORT TARGET KEY``.
+    """``bench.clients streams PORT TARGET COUNT [SPREAD] KEY`` or ``big PORT TARGET KEY``.
 
     Runs in its own process, so the parent's memory sampling cannot slow the client.
     """
     mode, port, target, *rest = sys.argv[1:]
     headers = {"Authorization": f"Bearer {rest[-1]}"} if rest[-1] != "-" else {}
     if mode == "streams":
-        result = streams(int(port), target, headers, int(rest[0]))
+        spread = float(rest[1]) if len(rest) > 2 else 0
+        result = streams(int(port), target, headers, int(rest[0]), spread)
     else:
         result = big_body(int(port), target, headers)
     json.dump(result, sys.stdout)

@@ -1,7 +1,9 @@
 """A fast upstream for the benchmark: raw asyncio, keep-alive, three routes.
 
 ``/models`` (small JSON), ``/sse?events=N&interval=S`` (events stamped with their send
-time), ``/big?bytes=N`` (a large body, flow-controlled). Run: ``python -m bench.upstream PORT``,
+time; ``jitter=1``: each gap random between 0 and twice S; ``close=1``: close the
+connection after the stream without having said so, as a keep-alive timeout does),
+``/big?bytes=N`` (a large body, flow-controlled). Run: ``python -m bench.upstream PORT``,
 or ``python -m bench.upstream PORT CERT KEY`` to serve HTTPS with that certificate.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import ssl
 import sys
 import time
@@ -51,14 +54,19 @@ class Upstream(asyncio.Protocol):
             args = {k: v[-1] for k, v in parse_qs(query).items()}
             if path.endswith("/sse"):
                 asyncio.ensure_future(
-                    self.sse(int(args.get("events", 20)), float(args.get("interval", 0.1)))
+                    self.sse(
+                        int(args.get("events", 20)),
+                        float(args.get("interval", 0.1)),
+                        jitter=args.get("jitter") == "1",
+                        close=args.get("close") == "1",
+                    )
                 )
             elif path.endswith("/big"):
                 asyncio.ensure_future(self.big(int(args.get("bytes", 1 << 20))))
             else:
                 self.transport.write(SMALL)
 
-    async def sse(self, events: int, interval: float) -> None:
+    async def sse(self, events: int, interval: float, jitter: bool, close: bool) -> None:
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
@@ -66,8 +74,10 @@ class Upstream(asyncio.Protocol):
         for i in range(events):
             event = f"data: {json.dumps({'i': i, 't': time.time()})}\n\n".encode()
             self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await asyncio.sleep(interval)
+            await asyncio.sleep(random.uniform(0, 2 * interval) if jitter else interval)
         self.transport.write(b"0\r\n\r\n")
+        if close:
+            self.transport.close()
 
     async def big(self, size: int) -> None:
         self.transport.write(

@@ -29,6 +29,8 @@ from .policy import Client, PolicyError, Target
 __all__ = ["ConfigError", "GatewayConfig", "environment", "init_app", "load_config", "parse_config"]
 
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
+# Below the 5 s keep-alive timeout of uvicorn, Node and many load balancers' backends.
+DEFAULT_UPSTREAM_IDLE_MS = 4_000
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -62,6 +64,7 @@ class GatewayConfig:
     warnings: tuple[str, ...] = ()
     limit_storage: str = "sqlite"  # where limit counters live (limit_store.open_store)
     fail_open: bool = False  # let limited calls through when the storage is unreachable
+    upstream_idle: float = DEFAULT_UPSTREAM_IDLE_MS / 1000
 
     def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
         """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
@@ -246,6 +249,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         warnings=tuple(warnings),
         limit_storage=storage,
         fail_open=data.get("limits", {}).get("failOpen", False),
+        upstream_idle=data.get("upstreamIdleMs", DEFAULT_UPSTREAM_IDLE_MS) / 1000,
     )
 
 

@@ -179,6 +179,7 @@ class ConfigSchema(Schema):
     writeTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
     egressGuard = fields.Boolean(truthy={True}, falsy={False})
     limits = fields.Nested(LimitStorageSchema)
+    upstreamIdleMs = fields.Integer(strict=True, validate=validate.Range(0, 600_000))
 
 
 _SECTIONS = {"targets": TargetSchema, "clients": ClientSchema}

@@ -1,4 +1,4 @@
-"""Upstream calls: one pooled Session per worker process, streaming, fault mapping."""
+"""Upstream calls: one pooled Session per worker process, streaming, fault mapping, resends."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import http.client
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import requests
 import urllib3
 from flask import Flask
-from requests.adapters import HTTPAdapter
 
 from . import tls
 from .errors import GatewayError
 from .policy import Client
+from .pool import ClosedUnanswered, PoolAdapter, ResendTimeout
+from .retry import may_resend
 
 __all__ = ["Call", "Upstream", "UpstreamBroke", "body_chunks", "init_app", "prepare"]
 
@@ -55,7 +57,7 @@ class UpstreamBroke(ConnectionResetError):
         return _timeout() if self.timed_out else _broken()
 
 
-def _new_session(pool_size: int) -> requests.Session:
+def _new_session(pool_size: int, idle_bound: float) -> requests.Session:
     # Why calls go through the Session's adapter and not Session.request: the
     # adapter alone reads no environment (proxies, netrc, CA settings), follows no
     # redirect and keeps no cookie, which is what a gateway must do; Session.request
@@ -67,7 +69,7 @@ def _new_session(pool_size: int) -> requests.Session:
     # open request can keep its upstream connection for reuse; pool_connections
     # is how many upstream hosts keep a pool at once.
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+    adapter = PoolAdapter(pool_size, idle_bound)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -76,8 +78,9 @@ def _new_session(pool_size: int) -> requests.Session:
 class Upstream:
     """Sends calls upstream through a Session built after fork, shared by the worker's threads."""
 
-    def __init__(self, pool_size: int) -> None:
+    def __init__(self, pool_size: int, idle_bound: float) -> None:
         self._pool_size = pool_size
+        self._idle_bound = idle_bound
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
         self._pid: int | None = None
@@ -88,42 +91,96 @@ class Upstream:
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
-                    self._session = _new_session(self._pool_size)
+                    self._session = _new_session(self._pool_size, self._idle_bound)
                     self._pid = os.getpid()
         assert self._session is not None
         return self._session
 
     def send(self, call: Call) -> requests.Response:
-        """Send ``call`` and return the response with its body not yet read."""
+        """Send ``call`` and return the response with its body not yet read.
+
+        A call whose reused connection closed before any answer is sent once more,
+        on a new connection, when ``may_resend`` allows it, within what is left of
+        its read timeout (the wait for the answer's head never starts over).
+        """
         client = call.client
         prepared = prepare(call)
+        started = time.monotonic()
+        try:
+            return self._send_once(prepared, client, (client.connect_timeout, client.read_timeout))
+        except ClosedUnanswered as closed:
+            left = client.read_timeout - (time.monotonic() - started)
+            if left <= 0 or not may_resend(
+                call.method, call.headers, reused=closed.reused, written=closed.written
+            ):
+                log.warning(
+                    "%s: upstream %s closed the connection before answering (%s not retried)",
+                    client.label,
+                    client.target.name,
+                    call.method,
+                )
+                raise _broken() from None
+        # Counted here: one line per resend, whatever its outcome (logged below if it fails).
+        log.info(
+            "%s: upstream %s: %s retried on a new connection (the reused one closed unanswered)",
+            client.label,
+            client.target.name,
+            call.method,
+        )
+        timeout = ResendTimeout(client.connect_timeout, client.read_timeout, left)
+        try:
+            return self._send_once(prepared, client, timeout, retried=True)
+        except ClosedUnanswered:
+            log.warning(
+                "%s: upstream %s closed the new connection before answering (retried)",
+                client.label,
+                client.target.name,
+            )
+            raise _broken() from None
+
+    def _send_once(
+        self,
+        prepared: requests.PreparedRequest,
+        client: Client,
+        timeout: tuple[float, float] | ResendTimeout,
+        retried: bool = False,
+    ) -> requests.Response:
+        """Send ``prepared``; map transport faults to errors, but let ClosedUnanswered through."""
+        note = " (retried)" if retried else ""
         verify, cert = tls.send_settings(client.target)
         try:
             return self.session.get_adapter(prepared.url).send(
                 prepared,
                 stream=True,
-                timeout=(client.connect_timeout, client.read_timeout),
+                timeout=timeout,
                 verify=verify,
                 cert=cert,
                 proxies={},
             )
         except requests.exceptions.SSLError as exc:
             failure = tls.classify(exc)
-            log.warning("%s: upstream %s TLS failed: %s", client.label, client.target.name, failure)
+            log.warning(
+                "%s: upstream %s TLS failed: %s%s", client.label, client.target.name, failure, note
+            )
             raise _tls_error() from None
         except requests.exceptions.Timeout:
-            log.warning("%s: upstream %s timed out", client.label, client.target.name)
+            log.warning("%s: upstream %s timed out%s", client.label, client.target.name, note)
             raise _timeout() from None
         except requests.exceptions.ConnectionError as exc:
+            reason = exc.args[0] if exc.args else None
+            if isinstance(reason, ClosedUnanswered):
+                raise reason from None
             if _could_not_connect(exc):
-                log.warning("%s: upstream %s unreachable", client.label, client.target.name)
+                log.warning("%s: upstream %s unreachable%s", client.label, client.target.name, note)
                 raise GatewayError(
                     "upstream_unreachable", "The gateway could not connect to the upstream."
                 ) from None
-            log.warning("%s: upstream %s sent a broken response", client.label, client.target.name)
+            log.warning(
+                "%s: upstream %s sent a broken response%s", client.label, client.target.name, note
+            )
             raise _broken() from None
         except requests.exceptions.RequestException:
-            log.warning("%s: upstream %s call failed", client.label, client.target.name)
+            log.warning("%s: upstream %s call failed%s", client.label, client.target.name, note)
             raise _broken() from None
         except OSError:
             # requests checks the target's TLS files exist before each send: one
@@ -204,4 +261,5 @@ def body_chunks(response: requests.Response, client: Client) -> Iterator[bytes]:
 
 def init_app(app: Flask) -> None:
     """Give ``app`` its Upstream (the Session itself is built per process on first use)."""
-    app.extensions["gateway.upstream"] = Upstream(app.config["UPSTREAM_POOL_SIZE"])
+    idle_bound = app.extensions["gateway.config"].upstream_idle
+    app.extensions["gateway.upstream"] = Upstream(app.config["UPSTREAM_POOL_SIZE"], idle_bound)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import random
 import socket
 import struct
 import threading
@@ -32,6 +33,7 @@ class Seen:
     query: str
     headers: dict[str, str]
     body: bytes
+    on_connection: int = 1  # 1 for the first request on its connection, 2 for the next...
     closed: threading.Event = field(default_factory=threading.Event)
 
 
@@ -54,7 +56,10 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_chunked()
         else:
             body = self.rfile.read(length) if length else b""
-        seen = Seen(self.command, parts.path, parts.query, dict(self.headers.items()), body)
+        self.served = getattr(self, "served", 0) + 1  # one handler per connection
+        seen = Seen(
+            self.command, parts.path, parts.query, dict(self.headers.items()), body, self.served
+        )
         self.server.record(seen)
         self.seen = seen
         self.query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -352,8 +357,36 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.close()
 
     def route_silence(self) -> None:
+        """Read the request, then close without answering (``delay=0``: at once)."""
         time.sleep(float(self.query.get("delay", 3)))
         self.close_connection = True
+
+    def route_rude(self) -> None:
+        """Answer, then close the connection without having said so (no ``Connection: close``).
+
+        What a server's keep-alive timeout does. ``linger`` (seconds, random up to it)
+        is how long the connection stays open first: a request the gateway writes
+        in that time is never read, and the close answers it with a reset.
+        """
+        self.send_json(200, {"method": self.command, "on_connection": self.served})
+        self.wfile.flush()
+        time.sleep(random.uniform(0, float(self.query.get("linger", 0))))
+        self.close_connection = True
+
+    def route_stale_drip(self) -> None:
+        """Drop a reused connection unanswered after ``delay``; on a new one, answer as /drip."""
+        if self.served > 1:
+            time.sleep(float(self.query.get("delay", 0)))
+            self.close_connection = True
+            return
+        self.route_drip()
+
+    def route_reset_mid_status(self) -> None:
+        """Send the start of a status line, then reset: an answer that began and broke."""
+        self.wfile.write(b"HTTP/1.1 2")
+        self.wfile.flush()
+        time.sleep(0.05)  # let the bytes be read before the reset arrives
+        self._reset()
 
     def route_reset_before_headers(self) -> None:
         self._reset()
@@ -410,6 +443,9 @@ class FakeUpstream(ThreadingHTTPServer):
     """The upstream server, run in a background thread of the test process."""
 
     daemon_threads = True
+    # socketserver's default of 5 overflows when a test opens dozens of connections at
+    # once, and a connection the kernel dropped from the queue looks like an upstream fault.
+    request_queue_size = 128
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)

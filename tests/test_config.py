@@ -39,6 +39,8 @@ def test_valid_config_loads_clients_by_key():
     assert client.read_timeout == 30 and client.connect_timeout == 5
     assert client_of(config, "ck-unknown") is None
     assert config.max_request_bytes == 10 * 1024 * 1024
+    assert config.upstream_idle == 4.0  # below the common 5 s server keep-alive
+    assert parse_config({**base_config(), "upstreamIdleMs": 1500}, CANARIES).upstream_idle == 1.5
 
 
 def test_seed_shaped_config_works_unchanged():
@@ -158,6 +160,8 @@ def broken(mutate):
         (lambda c: c.pop("targets"), "targets: is required"),
         (lambda c: c.update(targets=[]), "targets: not a valid mapping type"),
         (lambda c: c.update(maxRequestBytes=-1), "maxRequestBytes: must be greater than"),
+        (lambda c: c.update(upstreamIdleMs=-1), "upstreamIdleMs: must be greater than or equal"),
+        (lambda c: c.update(upstreamIdleMs="4s"), "upstreamIdleMs: not a valid integer"),
         (
             lambda c: c["clients"].update({"key with space": c["clients"][CHAT_KEY]}),
             "clients.client#4: a client key must be printable ASCII",

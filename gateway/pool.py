@@ -1,0 +1,160 @@
+"""The upstream connection pool: idle connections bounded, unanswered closes told apart.
+
+urllib3's pool hands out a kept-alive connection as long as the upstream's FIN
+has not arrived. These subclasses add what a safe resend needs to know and do:
+whether the connection was reused, whether the request went out whole, whether
+any byte of the answer came before the close, and a new connection for the
+resend. The decision itself is ``retry.may_resend``; the caller makes it.
+Written against urllib3 2.x (``_get_conn``, ``_put_conn``, ``_make_request``).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import time
+from typing import Any
+
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ProtocolError
+from urllib3.util import Timeout
+
+__all__ = ["ClosedUnanswered", "PoolAdapter", "ResendTimeout"]
+
+
+class ClosedUnanswered(ProtocolError):
+    """The upstream closed the connection before any byte of its answer arrived.
+
+    A ProtocolError, so urllib3 and requests pass it on as it is (inside
+    requests' ConnectionError) for the caller to decide on a resend.
+    """
+
+    def __init__(self, reused: bool, written: bool) -> None:
+        super().__init__("the upstream closed the connection before answering")
+        self.reused = reused  # the connection came from the pool, kept alive
+        self.written = written  # the whole request went out
+
+
+class ResendTimeout(Timeout):
+    """A resend's timeouts: on a new connection, within what is left of the call's wait.
+
+    ``left`` bounds the connect and the wait for the answer's head together;
+    the body then gets the full ``read`` between bytes, like any other call.
+    """
+
+    def __init__(self, connect: float, read: float, left: float) -> None:
+        super().__init__(connect=connect, read=read, total=left)
+        self.between_bytes = read
+
+    def clone(self) -> ResendTimeout:
+        # urllib3 clones the timeout for each request; the clone must stay a resend.
+        return ResendTimeout(self._connect, self._read, self.total)
+
+
+class _BrokenHead(http.client.HTTPException):
+    """The connection broke after the answer's first byte: the upstream was answering."""
+
+
+class _Response(http.client.HTTPResponse):
+    def begin(self) -> None:
+        # Wait for the first byte (or the close) before parsing: a reset that follows
+        # part of a status line must not pass for a close before any answer.
+        answered = bool(self.fp.peek(1))
+        try:
+            super().begin()
+        except ConnectionError as exc:
+            if answered:
+                raise _BrokenHead("the upstream broke off its answer's head") from exc
+            raise
+
+
+class _TrackedConnection:
+    """Connection mixin: knows whether it was reused and whether its request went out whole."""
+
+    response_class = _Response
+    idle_since = 0.0
+    reused = False
+    written = False
+    body_timeout: float | None = None  # a resend's between-bytes timeout, once its head is in
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        # urllib3 swallows a failed write (EPIPE, ECONNRESET) to read an early answer;
+        # this flag is how the failure is still known afterwards.
+        self.written = False
+        super().request(*args, **kwargs)
+        self.written = True
+
+    def getresponse(self) -> Any:
+        sock = self.sock
+        try:
+            response = super().getresponse()
+        except ConnectionError as exc:  # EOF or reset before the first byte (see _Response)
+            raise ClosedUnanswered(self.reused, self.written) from exc
+        if self.body_timeout is not None:
+            sock.settimeout(self.body_timeout)
+        return response
+
+
+class _Connection(_TrackedConnection, HTTPConnection):
+    pass
+
+
+class _TLSConnection(_TrackedConnection, HTTPSConnection):
+    pass
+
+
+class _BoundedPool:
+    """Pool mixin: connections idle past ``idle_bound`` are closed instead of handed out."""
+
+    def __init__(self, *args: Any, idle_bound: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_bound = idle_bound
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # already closed if the upstream's FIN has arrived
+        if conn.sock is not None and time.monotonic() - conn.idle_since >= self.idle_bound:
+            # Servers drop idle keep-alive connections after a few seconds (uvicorn and
+            # Node after 5 s, gunicorn after 2 s); past the bound, the FIN may be in flight.
+            conn.close()
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            conn.idle_since = time.monotonic()
+        super()._put_conn(conn)
+
+    def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout")
+        if isinstance(timeout, ResendTimeout):
+            conn.close()  # a resend goes on a new connection, never on another pooled one
+            conn.body_timeout = timeout.between_bytes
+        else:
+            conn.body_timeout = None
+        conn.reused = conn.sock is not None
+        return super()._make_request(conn, *args, **kwargs)
+
+
+class _Pool(_BoundedPool, HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(_BoundedPool, HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class PoolAdapter(HTTPAdapter):
+    """requests' adapter on the bounded pools; it never retries by itself."""
+
+    def __init__(self, pool_size: int, idle_bound: float) -> None:
+        self._idle_bound = idle_bound  # read by init_poolmanager, which __init__ calls
+        super().__init__(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """Build requests' PoolManager, making its pools the bounded ones."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": functools.partial(_Pool, idle_bound=self._idle_bound),
+            "https": functools.partial(_TLSPool, idle_bound=self._idle_bound),
+        }
