@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import cli, config, errors, explain, limit_store, openapi, upstream
+from . import cli, config, errors, explain, limit_store, openapi, report, upstream
 from .proxy import bp
 
 __all__ = ["create_app"]
@@ -38,6 +38,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limit_store.init_app(app)
     cli.init_app(app)
     explain.init_app(app)
+    report.init_app(app)
     openapi.init_app(app)
     app.register_blueprint(bp)
     return app

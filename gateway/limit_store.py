@@ -28,9 +28,9 @@ __all__ = ["LEASE_SECONDS", "StoreUnavailable", "UsageRow", "init_app", "open_st
 log = logging.getLogger(__name__)
 
 # A concurrency slot is a lease: its holder renews it while the call goes on, so a
-# slot held by a worker that was killed frees itself within this time (gunicorn's
-# worker timeout is 30 s).
-LEASE_SECONDS = 30.0
+# slot held by a worker that was killed frees itself within the worker timeout
+# (gunicorn.conf.py reads the same variable).
+LEASE_SECONDS = float(os.environ.get("GATEWAY_WORKER_TIMEOUT", 30))
 
 
 class StoreUnavailable(Exception):

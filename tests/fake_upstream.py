@@ -256,6 +256,11 @@ class Handler(BaseHTTPRequestHandler):
         request = self._json_body()
         words = ["Hello", " from", " the", " fake", " upstream"]
         base = {"id": "chatcmpl-1", "created": 1700000000, "model": request.get("model", "m")}
+        # Usage as OpenAI reports it: this stand-in always writes max_tokens tokens
+        # (5 without one) for a 10-token prompt, so a budget test gets real figures.
+        completion = request.get("max_tokens") or request.get("max_completion_tokens") or 5
+        usage = {"prompt_tokens": 10, "completion_tokens": completion}
+        usage["total_tokens"] = 10 + completion
         if not request.get("stream"):
             self.send_json(
                 200,
@@ -269,7 +274,7 @@ class Handler(BaseHTTPRequestHandler):
                             "message": {"role": "assistant", "content": "".join(words)},
                         }
                     ],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6},
+                    "usage": usage,
                 },
                 headers={"x-request-id": "req-openai"},
             )
@@ -282,9 +287,14 @@ class Handler(BaseHTTPRequestHandler):
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
             }
+            if (request.get("stream_options") or {}).get("include_usage"):
+                chunk["usage"] = None  # OpenAI sends null until the last chunk
             self.chunk(f"data: {json.dumps(chunk)}\n\n".encode())
             if not self._step(lockstep):
                 return
+        if (request.get("stream_options") or {}).get("include_usage"):
+            final = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            self.chunk(f"data: {json.dumps(final)}\n\n".encode())
         self.chunk(b"data: [DONE]\n\n")
         self.end_chunked()
 

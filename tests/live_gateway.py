@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -35,11 +36,12 @@ class CanaryRelay:
     gateway's send), and passes a reset on as a reset.
     """
 
-    def __init__(self, target_port: int, secrets: list[bytes]) -> None:
+    def __init__(self, target_port: int, secrets: list[bytes], port: int = 0) -> None:
         self.target_port = target_port
         self.secrets = secrets
         self.leaks: list[str] = []
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.closed = False
+        self._listener = socket.create_server(("127.0.0.1", port), backlog=1024)
         self.port = self._listener.getsockname()[1]
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -80,6 +82,9 @@ class CanaryRelay:
             _reset(source)
 
     def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         with self._lock:
             for sock in self._open:
@@ -119,6 +124,8 @@ class LiveGateway:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> LiveGateway:
+        if self.relay.closed:  # started again after stop(): the same address as before
+            self.relay = CanaryRelay(self.gunicorn_port, self.relay.secrets, self.port)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log = log
         self.process = subprocess.Popen(

@@ -1,0 +1,303 @@
+"""Spend control, Flask-free: rates, the stores' exactness, model and ceiling rules, usage."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+
+import pytest
+
+from gateway.limit_store import SQLiteStore, StoreUnavailable, UsageRow
+from gateway.limits import Ask, LimitSet, parse_rate
+from gateway.llm import ModelPattern, read_call, with_usage_requested
+from gateway.policy import PolicyError
+from gateway.usage import UsageMeter
+
+NOW = 1_800_000_030.0  # 30 s into a minute
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "period"),
+    [("60/minute", 60, 60), ("2000/day", 2000, 86400), (" 5 / second ", 5, 1), ("1/hour", 1, 3600)],
+)
+def test_rates_parse(text, count, period):
+    rate = parse_rate(text)
+    assert (rate.count, rate.period) == (count, period)
+
+
+@pytest.mark.parametrize(
+    "text", ["0/minute", "60/min", "60", "-1/day", "1.5/day", 60, None, "/day"]
+)
+def test_bad_rates_say_what_to_write(text):
+    with pytest.raises(ValueError, match="per period"):
+        parse_rate(text)
+
+
+def _ask(requests=(), concurrent=None, tokens=(), reservation=0, scope="client:c"):
+    limits = LimitSet(
+        tuple(parse_rate(r) for r in requests), concurrent, tuple(parse_rate(t) for t in tokens)
+    )
+    return Ask(((scope, limits),), reservation)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return SQLiteStore(str(tmp_path / "limits.sqlite3"))
+
+
+def test_a_request_limit_counts_and_resets_with_its_window(store):
+    ask = _ask(requests=["2/minute"])
+    first, second, third = (store.admit(ask, NOW) for _ in range(3))
+    assert first.admitted and second.admitted and not third.admitted
+    assert third.code == "rate_limited"
+    assert third.headers()["Retry-After"] == "30"
+    assert second.headers() == {
+        "RateLimit-Limit": "2",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": "30",
+    }
+    assert store.admit(ask, NOW + 30).admitted  # the next minute
+
+
+def test_the_tightest_limit_is_the_one_in_the_headers(store):
+    verdict = store.admit(_ask(requests=["100/minute", "3/day"]), NOW)
+    assert verdict.headers()["RateLimit-Limit"] == "3"
+    assert verdict.headers()["RateLimit-Remaining"] == "2"
+
+
+def test_a_refused_call_counts_against_nothing(store):
+    ask = _ask(requests=["1/minute", "10/day"])
+    store.admit(ask, NOW)
+    for _ in range(5):
+        assert not store.admit(ask, NOW).admitted
+    later = store.admit(_ask(requests=["10/day"]), NOW)
+    assert later.headers()["RateLimit-Remaining"] == "8"  # 1 before, this one: 2 of 10
+
+
+def test_a_concurrency_slot_is_freed_when_the_call_finishes(store):
+    ask = _ask(concurrent=1)
+    held = store.admit(ask, NOW)
+    refused = store.admit(ask, NOW)
+    assert refused.code == "too_many_concurrent"
+    store.finish(held.ticket, None)
+    assert store.admit(ask, NOW).admitted
+
+
+def test_a_slot_whose_holder_stopped_renewing_expires(store):
+    from gateway.limit_store import LEASE_SECONDS
+
+    ask = _ask(concurrent=1)
+    store.admit(ask, NOW)
+    assert not store.admit(ask, NOW + LEASE_SECONDS - 1).admitted
+    assert store.admit(ask, NOW + LEASE_SECONDS + 1).admitted
+
+
+def test_a_token_reservation_is_replaced_by_the_usage_reported(store):
+    ask = _ask(tokens=["1000/day"], reservation=600)
+    first = store.admit(ask, NOW)
+    assert store.admit(ask, NOW).code == "quota_exhausted"  # 600 reserved + 600 > 1000
+    store.finish(first.ticket, 100)
+    assert store.admit(ask, NOW).admitted  # 100 used + 600 <= 1000
+
+
+def test_without_usage_the_reservation_stays_spent(store):
+    ask = _ask(tokens=["1000/day"], reservation=600)
+    store.finish(store.admit(ask, NOW).ticket, None)
+    assert store.admit(ask, NOW).code == "quota_exhausted"
+
+
+def test_a_dry_check_counts_nothing(store):
+    ask = _ask(requests=["1/minute"])
+    for _ in range(3):
+        assert store.admit(ask, NOW, dry=True).admitted
+    assert store.admit(ask, NOW).admitted
+
+
+def _burst_in_process(path: str, n: int, results) -> None:
+    store = SQLiteStore(path)
+    ask = _ask(requests=["5/day"], tokens=["1000/day"], reservation=100)
+    for _ in range(n):
+        results.put(store.admit(ask).admitted)
+
+
+def test_a_burst_from_four_processes_admits_exactly_the_limit(tmp_path):
+    path = str(tmp_path / "limits.sqlite3")
+    SQLiteStore(path).admit(_ask(requests=["1000/day"], scope="warm"))  # make the file
+    results = multiprocessing.get_context("fork").Queue()
+    workers = [
+        multiprocessing.get_context("fork").Process(
+            target=_burst_in_process, args=(path, 6, results)
+        )
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    admitted = [results.get(timeout=5) for _ in range(24)]
+    assert admitted.count(True) == 5
+
+
+def test_a_burst_from_threads_never_overspends_a_token_budget(store):
+    ask = _ask(tokens=["1000/day"], reservation=150)
+    admitted = []
+
+    def call():
+        verdict = store.admit(ask)
+        if verdict.admitted:
+            admitted.append(verdict)
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(admitted) == 6  # 6 x 150 = 900; a 7th would make 1050
+
+
+def test_an_unusable_store_says_so(tmp_path):
+    (tmp_path / "dir").mkdir()
+    store = SQLiteStore(str(tmp_path / "dir"))  # a directory, not a file
+    with pytest.raises(StoreUnavailable):
+        store.admit(_ask(requests=["1/day"]), NOW)
+
+
+def test_usage_rows_are_kept_and_read_back(store):
+    store.record(UsageRow(NOW, "chat", "gpt-x", 10, 5, 200))
+    assert store.usage(NOW - 1) == [UsageRow(NOW, "chat", "gpt-x", 10, 5, 200)]
+    assert store.usage(NOW + 1) == []
+
+
+# --- models and ceilings -------------------------------------------------------------
+
+MODELS = (
+    ModelPattern.compile("openai/gpt-4o-mini"),
+    ModelPattern.compile("anthropic/claude-3-5-haiku*"),
+)
+
+
+def _read(body, query=(), models=MODELS, max_tokens=1024, budget=False):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return read_call(data, query, models, max_tokens, budget)
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "code"),
+    [
+        ({"model": "openai/gpt-4o", "max_tokens": 10}, (), "model_not_allowed"),
+        (
+            {"model": "openai/gpt-4o-mini", "max_tokens": 10},
+            [("model", "openai/o1")],
+            "model_not_allowed",
+        ),
+        ({"max_tokens": 10}, [("model", "openai/o1")], "model_not_allowed"),
+        ({"model": ["openai/gpt-4o-mini"], "max_tokens": 10}, (), "model_not_allowed"),
+        (
+            b'{"model": "openai/gpt-4o-mini", "model": "openai/o1", "max_tokens": 5}',
+            (),
+            "invalid_json",
+        ),
+        (b"{not json", (), "invalid_json"),
+        (b"[1, 2]", (), "invalid_json"),
+        ({"model": "openai/gpt-4o-mini", "max_tokens": 2000}, (), "max_tokens_not_allowed"),
+        (
+            {"model": "openai/gpt-4o-mini", "max_completion_tokens": 2000},
+            (),
+            "max_tokens_not_allowed",
+        ),
+        ({"model": "openai/gpt-4o-mini"}, (), "max_tokens_required"),
+        ({"model": "openai/gpt-4o-mini", "max_tokens": "10"}, (), "max_tokens_required"),
+        ({"model": "openai/gpt-4o-mini", "max_tokens": True}, (), "max_tokens_required"),
+        ({"model": "openai/gpt-4o-mini", "max_tokens": 0}, (), "max_tokens_required"),
+    ],
+)
+def test_models_and_ceilings_are_refused(body, query, code):
+    with pytest.raises(PolicyError) as info:
+        _read(body, query)
+    assert info.value.code == code
+
+
+def test_a_star_matches_any_run_of_characters():
+    call = _read({"model": "anthropic/claude-3-5-haiku-20241022", "max_tokens": 10})
+    assert call.model == "anthropic/claude-3-5-haiku-20241022" and call.ceiling == 10
+
+
+def test_a_call_without_a_model_is_not_an_llm_call():
+    assert _read(b"", [("limit", "5")]).model is None
+
+
+def test_the_reservation_bounds_the_prompt_by_its_size():
+    body = json.dumps({"model": "openai/gpt-4o-mini", "max_tokens": 100, "messages": []}).encode()
+    call = read_call(body, (), MODELS, None, True)
+    assert call.reservation(len(body)) == 100 + len(body)
+
+
+def test_a_budget_makes_a_ceiling_required_even_without_max_tokens():
+    with pytest.raises(PolicyError) as info:
+        _read({"model": "openai/gpt-4o-mini"}, models=(), max_tokens=None, budget=True)
+    assert info.value.code == "max_tokens_required"
+
+
+def test_without_rules_a_body_that_is_not_json_is_simply_not_an_llm_call():
+    assert read_call(b"\x00binary", (), (), None, False).model is None
+
+
+def test_streamed_chat_calls_are_asked_for_usage():
+    call = _read({"model": "openai/gpt-4o-mini", "max_tokens": 5, "stream": True})
+    body = json.loads(with_usage_requested(call, "/chat/completions"))
+    assert body["stream_options"] == {"include_usage": True}
+    assert with_usage_requested(call, "/v1/messages") is None  # Anthropic reports it anyway
+
+
+# --- usage read from answers -----------------------------------------------------------
+
+
+def _meter(content_type: str, pieces: list[bytes], whole=True) -> UsageMeter:
+    meter = UsageMeter(content_type)
+    for piece in pieces:
+        meter.feed(piece)
+    if whole:
+        meter.end()
+    return meter
+
+
+def test_openai_json_usage():
+    body = json.dumps({"usage": {"prompt_tokens": 12, "completion_tokens": 30}}).encode()
+    meter = _meter("application/json", [body[:7], body[7:]])
+    assert (meter.input_tokens, meter.output_tokens, meter.tokens) == (12, 30, 42)
+
+
+def test_openai_stream_usage_from_the_last_chunk():
+    events = [
+        b'data: {"choices": [{"delta": {"content": "hi"}}], "usage": null}\n\n',
+        b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    stream = b"".join(events)
+    assert (
+        _meter("text/event-stream", [stream[i : i + 5] for i in range(0, len(stream), 5)]).tokens
+        == 10
+    )
+
+
+def test_anthropic_stream_usage_input_from_the_start_output_cumulative():
+    start = {"usage": {"input_tokens": 20, "cache_read_input_tokens": 5, "output_tokens": 1}}
+    events = [
+        b"event: message_start\ndata: "
+        + json.dumps({"type": "message_start", "message": start}).encode()
+        + b"\n\n",
+        *(
+            b"event: message_delta\ndata: "
+            + json.dumps({"type": "message_delta", "usage": {"output_tokens": n}}).encode()
+            + b"\n\n"
+            for n in (9, 15)
+        ),
+    ]
+    meter = _meter("text/event-stream", events)
+    assert (meter.input_tokens, meter.output_tokens) == (25, 15)
+
+
+def test_a_cut_stream_reports_no_usage():
+    events = [b'data: {"usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n']
+    assert _meter("text/event-stream", events, whole=False).tokens is None
