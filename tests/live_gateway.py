@@ -61,6 +61,8 @@ class CanaryRelay:
         except OSError:
             _reset(client)
             return
+        for sock in (client, server):  # pass each write on at once, as the gateway made it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._open.update((client, server))
         threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()

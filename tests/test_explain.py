@@ -173,3 +173,40 @@ def test_explain_agrees_with_the_live_request(app, runner, method, path, headers
         assert result.exit_code == 1, result.output
         error = live.get_json()["error"]
         assert f"decision: refused: {live.status_code} {error}:" in result.output
+
+
+def test_explain_shows_the_limits_and_never_spends_them(config_dict, tmp_path, upstream):
+    from gateway import create_app
+
+    from .support import write_config
+
+    config_dict["clients"]["chat-app"]["limits"] = {"requests": ["2/day"]}
+    config_dict["clients"]["chat-app"]["allowedMethods"] = ["GET", "POST"]
+    config_dict["clients"]["chat-app"]["allowedPaths"] = ["/models", "/chat/completions"]
+    config_dict["clients"]["chat-app"]["allowedModels"] = ["m*"]
+    config_dict["clients"]["chat-app"]["maxTokens"] = 10
+    app = create_app(
+        {
+            "GATEWAY_CONFIG": write_config(tmp_path / "c.yaml", config_dict),
+            "GATEWAY_ENVIRON": CANARIES,
+        }
+    )
+    runner = app.test_cli_runner()
+    for _ in range(3):
+        result = explain(runner, "--key", NAMED_KEY, "GET", "/proxy/models")
+        assert result.exit_code == 0, result.output
+        assert "limits: admitted now (RateLimit-Limit: 2, RateLimit-Remaining: 1" in result.output
+    body = tmp_path / "body.json"
+    body.write_text('{"model": "m-large", "max_tokens": 50}')
+    refused = explain(
+        runner, "--key", NAMED_KEY, "--body", str(body), "POST", "/proxy/chat/completions"
+    )
+    assert refused.exit_code == 1 and "max_tokens_not_allowed" in refused.output
+    upstream.get(UPSTREAM + "/models", body="{}")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {NAMED_KEY}"}
+    assert [client.get("/proxy/models", headers=auth).status_code for _ in range(3)] == [
+        200,
+        200,
+        429,
+    ]
