@@ -31,7 +31,7 @@ def main() -> None:
 
     cpu = scan_cost(args.big_mb)
     bench = Bench(args)
-    on_config = bench.write_config()
+    on_config = bench.write_config("config-on.yaml", bench.upstream)
     off_config = bench.tmp / "config-off.yaml"
     off_config.write_text(on_config.read_text() + "egressGuard: false\n")
     bench.ports["gateway_off"] = free_port()

@@ -27,13 +27,13 @@ LLM_ENVELOPE = (
     '"body":{"model":"bench-model","max_tokens":16,"messages":[]}}'
 )
 LIMITS = (
-    "    limits: {requests: [100000000/day], concurrent: 100000, tokens: [1000000000000/day]}\n"
+    "    limits: {requests: [100000000/day], concurrent: 100000, tokens: [100000000000/day]}\n"
 )
 
 
 def _config(bench_run: Bench, name: str, storage: str | None, limited: bool) -> str:
     path = bench_run.tmp / f"config-{name}.yaml"
-    text = bench_run.write_config().read_text()
+    text = bench_run.write_config(f"base-{name}.yaml", bench_run.upstream).read_text()
     if limited:
         text += LIMITS
     if storage:
@@ -47,7 +47,7 @@ def _hammer(path: str, count: int, out) -> None:
     from gateway.limits import Ask, LimitSet, parse_rate
 
     store = SQLiteStore(path)
-    limits = LimitSet((parse_rate("100000000/day"),), 100000, (parse_rate("1000000000000/day"),))
+    limits = LimitSet((parse_rate("100000000/day"),), 100000, (parse_rate("100000000000/day"),))
     ask = Ask((("client:bench", limits),), 100)
     waits = []
     for _ in range(count):

@@ -13,6 +13,7 @@ import requests
 
 from gateway.keys import key_item
 
+from .deploy_support import read_lockstep
 from .fake_upstream import GZIP_TEXT, PATTERN
 from .live_gateway import LiveGateway
 from .support import (
@@ -98,15 +99,8 @@ def test_sse_events_arrive_one_by_one_before_the_upstream_finishes(gateway, fake
             stream=True,
             timeout=15,
         )
-    assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/event-stream"
-    received, buffer = [], b""
-    for chunk in response.iter_content(chunk_size=None):
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            received.append(event)
-            fake_upstream.release.release()
+    received = read_lockstep(response, fake_upstream)
     assert received == [b"data: 0", b"data: 1", b"data: 2", b"data: 3"]
 
 

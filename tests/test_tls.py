@@ -239,6 +239,18 @@ def test_concurrent_trusted_and_untrusted_calls_never_mix(tls_gateway):
 # --- check-config --probe ------------------------------------------------------------
 
 
+def _probe(config_path: str) -> subprocess.CompletedProcess:
+    """Run ``flask check-config --probe`` on ``config_path`` as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "gateway", "check-config", "--probe"],
+        cwd=ROOT,
+        env={**os.environ, **CANARIES, "GATEWAY_CONFIG": config_path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_probe_reports_each_target_and_sends_no_request(folder, servers, pki):
     raw = tls_config(servers)
     raw["targets"]["closed"] = {"baseUrl": f"https://127.0.0.1:{free_port()}", "caBundle": "ca.pem"}
@@ -246,15 +258,7 @@ def test_probe_reports_each_target_and_sends_no_request(folder, servers, pki):
     path = write_config(folder / "probe.yaml", raw)
     seen_before = {name: len(server.seen) for name, server in servers.items()}
     handshakes_before = servers["good"].handshakes
-    env = {**os.environ, **CANARIES, "GATEWAY_CONFIG": path}
-    result = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "gateway", "check-config", "--probe"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _probe(path)
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
     assert "probe: TLS handshake with each https target (5 failed):" in out
@@ -279,15 +283,7 @@ def test_probe_passes_when_every_target_shakes_hands(folder, servers):
     raw["targets"] = {"private": raw["targets"]["private"], "mtls": raw["targets"]["mtls"]}
     raw["clients"] = {k: v for k, v in raw["clients"].items() if v["target"] in ("private", "mtls")}
     path = write_config(folder / "probe-ok.yaml", raw)
-    env = {**os.environ, **CANARIES, "GATEWAY_CONFIG": path}
-    result = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "gateway", "check-config", "--probe"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _probe(path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(0 failed)" in result.stdout
     assert f"private: {servers['good'].url}/v1 (trusts only " in result.stdout
