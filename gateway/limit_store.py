@@ -147,14 +147,19 @@ class Store:
                 self.leases.hold(ticket)
         return verdict
 
-    def finish(self, ticket: Ticket, tokens: int | None) -> None:
-        """Free the ticket's slots; replace its reservations by ``tokens`` (None: spent)."""
+    def finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None = None) -> None:
+        """Free the ticket's slots; replace its reservations by ``tokens`` (None: spent).
+
+        ``usage``, if given, is recorded in the same step.
+        """
         if ticket.done:
             return
         ticket.done = True
         self.leases.drop(ticket)
         if ticket.slots or ticket.reservations:
-            self._finish(ticket, tokens)
+            self._finish(ticket, tokens, usage)
+        elif usage is not None:
+            self.record(usage)
 
     def record(self, row: UsageRow) -> None:
         raise NotImplementedError
@@ -165,7 +170,7 @@ class Store:
     def _admit(self, plan: _Plan, ticket: str, now: float) -> Verdict:
         raise NotImplementedError
 
-    def _finish(self, ticket: Ticket, tokens: int | None) -> None:
+    def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
         raise NotImplementedError
 
     def _renew(self, held: list[tuple[str, str]]) -> None:
@@ -283,8 +288,10 @@ class SQLiteStore(Store):
             )
         return _verdict(plan, now, used, None, 0)
 
-    def _finish(self, ticket: Ticket, tokens: int | None) -> None:
+    def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
         def work(db: sqlite3.Connection) -> None:
+            if usage is not None:
+                _insert_usage(db, usage)
             for key in ticket.slots:
                 db.execute("DELETE FROM slots WHERE key = ? AND ticket = ?", (key, ticket.id))
             for key, reserved in ticket.reservations:
@@ -306,12 +313,7 @@ class SQLiteStore(Store):
         )
 
     def record(self, row: UsageRow) -> None:
-        self._run(
-            lambda db: db.execute(
-                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?)",
-                (row.time, row.client, row.model, row.input_tokens, row.output_tokens, row.status),
-            )
-        )
+        self._run(lambda db: _insert_usage(db, row))
 
     def usage(self, since: float) -> list[UsageRow]:
         rows = self._run(
@@ -320,6 +322,13 @@ class SQLiteStore(Store):
             ).fetchall()
         )
         return [UsageRow(*row) for row in rows]
+
+
+def _insert_usage(db: sqlite3.Connection, row: UsageRow) -> None:
+    db.execute(
+        "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?)",
+        (row.time, row.client, row.model, row.input_tokens, row.output_tokens, row.status),
+    )
 
 
 def _worker_thread():
@@ -452,7 +461,9 @@ class RedisStore(Store):
             used = []
         return _verdict(plan, now, used, answer.get("failed"), answer.get("index", 0))
 
-    def _finish(self, ticket: Ticket, tokens: int | None) -> None:
+    def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
+        if usage is not None:
+            self.record(usage)
         self._call(
             "finish",
             ticket.slots + [key for key, _ in ticket.reservations],

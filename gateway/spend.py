@@ -53,20 +53,21 @@ class Admission:
             tokens = 0
         if self.store is None:
             return
+        row = None
+        if self.llm.model is not None and sent:
+            row = UsageRow(
+                time.time(),
+                self.client.label,
+                self.llm.model,
+                self.meter.input_tokens if self.meter else None,
+                self.meter.output_tokens if self.meter else None,
+                status or 0,
+            )
         try:
             if self.ticket is not None:
-                self.store.finish(self.ticket, tokens)
-            if self.llm.model is not None and sent:
-                self.store.record(
-                    UsageRow(
-                        time.time(),
-                        self.client.label,
-                        self.llm.model,
-                        self.meter.input_tokens if self.meter else None,
-                        self.meter.output_tokens if self.meter else None,
-                        status or 0,
-                    )
-                )
+                self.store.finish(self.ticket, tokens, row)  # one step, usage included
+            elif row is not None:
+                self.store.record(row)
         except StoreUnavailable as exc:
             log.warning("%s: could not settle its limits (%s)", self.client.label, exc)
 
