@@ -26,9 +26,7 @@ LLM_ENVELOPE = (
     '{"method":"POST","path":"/chat/completions",'
     '"body":{"model":"bench-model","max_tokens":16,"messages":[]}}'
 )
-LIMITS = (
-    "    limits: {requests: [100000000/day], concurrent: 100000, tokens: [100000000000/day]}\n"
-)
+LIMITS = "    limits: {requests: [100000000/day], concurrent: 100000, tokens: [100000000000/day]}\n"
 
 
 def _config(bench_run: Bench, name: str, storage: str | None, limited: bool) -> str:
@@ -43,7 +41,7 @@ def _config(bench_run: Bench, name: str, storage: str | None, limited: bool) -> 
 
 
 def _hammer(path: str, count: int, out) -> None:
-    from gateway.limit_store import SQLiteStore
+    from gateway.limit_sqlite import SQLiteStore
     from gateway.limits import Ask, LimitSet, parse_rate
 
     store = SQLiteStore(path)

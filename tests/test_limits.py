@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from gateway.limit_store import SQLiteStore, StoreUnavailable, UsageRow
+from gateway.limit_sqlite import SQLiteStore
+from gateway.limit_store import StoreUnavailable, UsageRow
 from gateway.limits import Ask, LimitSet, parse_rate
 from gateway.llm import ModelPattern, read_call, with_usage_requested
 from gateway.policy import PolicyError
