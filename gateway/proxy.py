@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, after_this_request, current_app, request
 from marshmallow import ValidationError
 from werkzeug.routing import PathConverter
 
@@ -201,7 +201,14 @@ def _forward(call: Call, admission: Admission) -> Response:
     headers += admission.headers.items()
     status = upstream.status_code
     try:
-        body = _Body(chunks, call, lambda: admission.finish(status))
+        sock = request.environ.get("gunicorn.socket")
+
+        def finished() -> None:
+            if sock is not None:
+                sock.settimeout(None)  # the server's keep-alive wait applies again
+            admission.finish(status)
+
+        body = _Body(chunks, call, finished)
     except GatewayError:
         admission.finish(None)
         raise
@@ -267,10 +274,19 @@ def _read_body() -> bytes:
     config = _config()
     body = read_body(request.environ, config.max_request_bytes, config.body_timeout)
     # From here the socket only sends: a client that stops reading the answer for
-    # writeTimeoutMs is dropped, which frees its upstream connection.
+    # writeTimeoutMs is dropped, which frees its upstream connection. Once the
+    # answer is over the server's own keep-alive wait applies again.
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
         sock.settimeout(config.write_timeout)
+
+        @after_this_request
+        def _restore(response: Response) -> Response:
+            # A streamed answer (direct passthrough) is closed through _Body, which
+            # restores it too; werkzeug calls these only for the others.
+            response.call_on_close(lambda: sock.settimeout(None))
+            return response
+
     return body
 
 
