@@ -13,6 +13,7 @@ CANARIES = {
     "CANARY_OPENAI": "sk-canary-openai-3f9a1c",
     "CANARY_RAPID": "canary-rapid/77d0e2",  # a "/" that JSON may write as "\\/"
     "CANARY_ANTHROPIC": "sk-ant-canary-41b8aa",
+    "CANARY_METRICS": "metrics-canary-token-5d2e9b71",
 }
 UPSTREAM = "http://upstream.test/v1"
 CHAT_KEY = "ck-test-chat-0123456789"
