@@ -146,6 +146,7 @@ gunicorn.util.write_error = _json_error
 #       before a reload (on_reload runs after the new config is read, and new
 #       workers would boot on the broken file), so on_starting wraps the
 #       master's reload.
+#   post_worker_init - Say when a worker has loaded the app, not only forked.
 #   Metrics - prometheus_client's multiprocess mode: each worker writes its
 #       counts to files in PROMETHEUS_MULTIPROC_DIR (a new temporary folder, or
 #       the one named, emptied) and a scrape of /metrics sums them. child_exit
@@ -210,6 +211,12 @@ def _fresh_metrics_folder(server):
     )
     for result in ("ok", "failed"):
         server.gateway_reloads.labels(result)
+
+
+def post_worker_init(worker):
+    # After the app (and its config) loaded: the line says which workers serve
+    # the config as it was when they booted, e.g. after a reload.
+    worker.log.info("gateway: worker %s loaded the app", worker.pid)
 
 
 def child_exit(server, worker):

@@ -110,6 +110,8 @@ def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
     """Return the test config against a real upstream, plus slow, dead, SDK and browser clients."""
     config = base_config(upstream_url + "/v1")
     config["bodyTimeoutMs"] = 2000
+    config["secrets"]["metrics"] = "${CANARY_METRICS}"
+    config["metrics"] = {"tokenRef": "metrics"}
     config["writeTimeoutMs"] = 3000
     config["targets"]["dead"] = {"baseUrl": dead_url}
     config["targets"]["anthropic"] = {"baseUrl": upstream_url}
