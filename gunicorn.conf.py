@@ -76,9 +76,10 @@ else:
 #       for a readable line), with the client, the error code and the request id
 #       that gunicorn's line cannot know.
 #   errorlog - "-" is stderr, for systemd or a container.
-#   _QuietInvalidRequest - gunicorn's warning about a request it cannot parse
-#       quotes the offending header line, which can hold a client key
-#       ("Authorization Bearer <key>" without its colon): keep only what was wrong.
+#   _QuietRequestText - gunicorn echoes request text into its error log: the
+#       header line that broke a request it cannot parse ("Authorization Bearer
+#       <key>" without its colon), or a failed request's query string. Either
+#       can hold a key: keep only what was wrong, and the path.
 #
 
 accesslog = None
@@ -86,12 +87,15 @@ errorlog = os.environ.get("GATEWAY_ERROR_LOG", "-")
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
 
 
-class _QuietInvalidRequest(logging.Filter):
+class _QuietRequestText(logging.Filter):
     def filter(self, record):
         message = record.getMessage()
         if message.startswith("Invalid request from "):
             # "Invalid request from ip=...: Invalid HTTP Header: '<the line>'"
             record.msg, record.args = ": ".join(message.split(": ")[:2]), ()
+        elif message.startswith("Error handling request"):
+            # "Error handling request GET /path?query"
+            record.msg, record.args = message.split("?", 1)[0], ()
         return True
 
 
@@ -146,23 +150,19 @@ gunicorn.util.write_error = _json_error
 #       before a reload (on_reload runs after the new config is read, and new
 #       workers would boot on the broken file), so on_starting wraps the
 #       master's reload.
-#   post_worker_init - Say when a worker has loaded the app, not only forked.
 #   Metrics - prometheus_client's multiprocess mode: each worker writes its
 #       counts to files in PROMETHEUS_MULTIPROC_DIR (a new temporary folder, or
 #       the one named, emptied) and a scrape of /metrics sums them. child_exit
 #       drops an exited worker's live gauges and folds its counters and
 #       histograms into one file per kind, so the folder holds a few files per
 #       live worker however often workers are replaced.
-#   post_worker_init - Each worker's error log gets _QuietInvalidRequest (the
-#       workers are where requests are parsed).
+#   post_worker_init - Each worker's error log gets _QuietRequestText (the
+#       workers are where requests are parsed); say when a worker has loaded
+#       the app, not only forked.
 #
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 _CHECK = [sys.executable, "-m", "flask", "--app", "gateway", "check-config"]
-
-
-def post_worker_init(worker):
-    worker.log.error_log.addFilter(_QuietInvalidRequest())
 
 
 def on_starting(server):
@@ -214,6 +214,7 @@ def _fresh_metrics_folder(server):
 
 
 def post_worker_init(worker):
+    worker.log.error_log.addFilter(_QuietRequestText())
     # After the app (and its config) loaded: the line says which workers serve
     # the config as it was when they booted, e.g. after a reload.
     worker.log.info("gateway: worker %s loaded the app", worker.pid)

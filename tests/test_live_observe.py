@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -311,3 +312,23 @@ def test_hup_with_a_broken_config_keeps_serving_then_a_fixed_one_applies(tmp_pat
         assert "Traceback" not in live.log_text()
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize(
+    "request_text",
+    [
+        f"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Bearer {CHAT_KEY}\r\n\r\n",
+        f"GET /health?key={CHAT_KEY} HTTP/1.1\r\nHost: x\r\nX-\x00: {CHAT_KEY}\r\n\r\n",
+        f"GET /health?key={CHAT_KEY} HTTP/9.9\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_requests_gunicorn_cannot_parse_are_logged_without_their_text(gateway, request_text):
+    before = gateway.log_text().count("Invalid request from ip=")
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(request_text.encode("latin-1"))
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 4") or answer.startswith(b"HTTP/1.1 5"), answer
+    wait_until(
+        lambda: gateway.log_text().count("Invalid request from ip=") > before, 10, "the log line"
+    )
+    assert CHAT_KEY not in gateway.log_text()
