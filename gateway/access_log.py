@@ -8,7 +8,6 @@ a key, a secret, a query string, a header or a body.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from typing import Any
@@ -21,8 +20,6 @@ from .record import Record
 __all__ = ["FORMATS", "fields", "init_app", "text_line"]
 
 FORMATS = ("json", "text")
-
-log = logging.getLogger("gateway.access")
 
 
 def _iso(wall: float) -> str:
@@ -95,20 +92,23 @@ def text_line(line: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _write(line: str) -> None:
+    # Straight to stdout, one write per line (whole lines, even with two workers
+    # on one file): the logging module would cost as much again as the line.
+    # sys.stdout is looked up each time, as test runners swap it.
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass  # stdout gone (a closed pipe): the answer itself must not fail
+
+
 def _write_json(record: Record) -> None:
-    log.info(json.dumps(fields(record), separators=(",", ":")))
+    _write(json.dumps(fields(record), separators=(",", ":")))
 
 
 def _write_text(record: Record) -> None:
-    log.info(text_line(fields(record)))
-
-
-class _StdoutHandler(logging.StreamHandler):
-    """Write to whatever ``sys.stdout`` is now (test runners swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout
-        super().emit(record)
+    _write(text_line(fields(record)))
 
 
 def init_app(app: Flask) -> None:
@@ -116,9 +116,5 @@ def init_app(app: Flask) -> None:
     form = app.config["GATEWAY_LOG_FORMAT"]
     if form not in FORMATS:
         raise ConfigError([f"GATEWAY_LOG_FORMAT: {form!r} is not a log format; use json or text"])
-    if not log.handlers:
-        log.addHandler(_StdoutHandler())
-        log.setLevel(logging.INFO)
-        log.propagate = False  # the error log (stderr) is not the access log
     write = _write_text if form == "text" else _write_json
     app.extensions["gateway.observers"].finished.append(write)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hmac
 import os
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import (
@@ -41,6 +42,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple, Any] = {}
         self.requests = Counter(
             "gateway_requests",
             "Answers sent, by client, target and status.",
@@ -81,26 +83,35 @@ class Metrics:
             registry=registry,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # prometheus_client's labels() takes a lock and checks every value each
+        # time; the children are few (clients x targets x statuses), so keep them.
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def forwarding(self, record: Record) -> None:
         """Count a call going upstream as in flight."""
-        self.in_flight.labels(record.target).inc()
+        self._child(self.in_flight, record.target).inc()
 
     def finished(self, record: Record) -> None:
         """Count a request whose answer has ended."""
         client = record.client or ""
         target = record.target or ""
-        self.requests.labels(client, target, str(record.status or 0)).inc()
-        self.duration.labels(client, target).observe(record.duration or 0.0)
+        self._child(self.requests, client, target, str(record.status or 0)).inc()
+        self._child(self.duration, client, target).observe(record.duration or 0.0)
         if record.upstream_sent is not None:
-            self.in_flight.labels(target).dec()
+            self._child(self.in_flight, target).dec()
         if record.upstream_ttfb is not None:
-            self.upstream_ttfb.labels(target).observe(record.upstream_ttfb)
+            self._child(self.upstream_ttfb, target).observe(record.upstream_ttfb)
         if record.error is not None:
-            self.refusals.labels(client, record.error).inc()
+            self._child(self.refusals, client, record.error).inc()
         if record.model is not None:
             for kind, count in (("input", record.input_tokens), ("output", record.output_tokens)):
                 if count:
-                    self.tokens.labels(client, record.model, kind).inc(count)
+                    self._child(self.tokens, client, record.model, kind).inc(count)
 
 
 def _scrape(registry: CollectorRegistry) -> bytes:
