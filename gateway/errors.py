@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
 
-from .record import request_id
+from .record import ID_HEADER, request_id
 
 __all__ = [
     "CODES",
@@ -165,7 +165,7 @@ def config_invalid_app(problems: list[str]) -> Callable[..., Iterable[bytes]]:
             [
                 ("Content-Type", "application/json"),
                 ("Content-Length", str(len(body))),
-                ("X-Gateway-Request-Id", rid),
+                (ID_HEADER, rid),
             ],
         )
         return [body]

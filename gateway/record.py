@@ -13,7 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Observers", "Record", "request_id"]
+__all__ = ["ID_HEADER", "Observers", "Record", "request_id"]
+
+# The response header every answer carries its request id in.
+ID_HEADER = "X-Gateway-Request-Id"
 
 # What a client's X-Request-ID may hold to be adopted: safe in a log line and a header.
 _OFFERED_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -15,12 +15,11 @@ from typing import Any
 from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .record import Observers, Record, request_id
+from .record import ID_HEADER, Observers, Record, request_id
 
 __all__ = ["init_app"]
 
 _ENVIRON_KEY = "gateway.record"
-ID_HEADER = "X-Gateway-Request-Id"
 
 
 class _Recorder:
