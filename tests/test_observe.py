@@ -365,3 +365,17 @@ def test_observability_config_problems_are_located(mutate, expected):
         parse_config(raw, env)
     assert any(p.startswith(expected) for p in caught.value.problems), caught.value.problems
     assert not any(CHAT_KEY in p for p in caught.value.problems)
+
+
+def test_the_usage_meter_fills_the_record_for_the_log_and_the_metrics(client, upstream, capsys):
+    usage = {"model": "gpt-x", "usage": {"prompt_tokens": 12, "completion_tokens": 34}}
+    upstream.post(UPSTREAM + "/chat/completions", json=usage)
+    capsys.readouterr()
+    body = {"model": "gpt-x", "max_tokens": 50, "messages": []}
+    assert call(client, "POST", "/proxy/chat/completions", json=body, headers=AUTH).status_code
+    (line,) = log_lines(capsys)
+    assert (line["model"], line["input_tokens"], line["output_tokens"]) == ("gpt-x", 12, 34)
+    found = samples(call(client, "GET", "/metrics", headers=SCRAPE).get_data(as_text=True))
+    labels = {("client", "client#1"), ("model", "gpt-x")}
+    assert found["gateway_tokens_total", frozenset({*labels, ("kind", "input")})] == 12
+    assert found["gateway_tokens_total", frozenset({*labels, ("kind", "output")})] == 34
