@@ -3,12 +3,17 @@
 # Every value can be overridden from the environment (GATEWAY_*), or on the
 # command line, which wins over this file.
 
+import fcntl
+import glob
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections import defaultdict
 
 import gunicorn.util
 
@@ -66,25 +71,31 @@ else:
 #
 # Logging
 #
-#   accesslog / errorlog - "-" is stdout / stderr, for systemd or a container.
-#   access_log_format - No headers, so no key reaches the access log.
-#   _QuietInvalidRequest - gunicorn's warning about a request it cannot parse
-#       quotes the offending header line, which can hold a client key
-#       ("Authorization Bearer <key>" without its colon): keep only what was wrong.
+#   accesslog - Off: the gateway writes its own access log, one JSON object
+#       per request on stdout when the answer has ended (GATEWAY_LOG_FORMAT=text
+#       for a readable line), with the client, the error code and the request id
+#       that gunicorn's line cannot know.
+#   errorlog - "-" is stderr, for systemd or a container.
+#   _QuietRequestText - gunicorn echoes request text into its error log: the
+#       header line that broke a request it cannot parse ("Authorization Bearer
+#       <key>" without its colon), or a failed request's query string. Either
+#       can hold a key: keep only what was wrong, and the path.
 #
 
-accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-")
+accesslog = None
 errorlog = os.environ.get("GATEWAY_ERROR_LOG", "-")
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
 
 
-class _QuietInvalidRequest(logging.Filter):
+class _QuietRequestText(logging.Filter):
     def filter(self, record):
         message = record.getMessage()
         if message.startswith("Invalid request from "):
             # "Invalid request from ip=...: Invalid HTTP Header: '<the line>'"
             record.msg, record.args = ": ".join(message.split(": ")[:2]), ()
+        elif message.startswith("Error handling request"):
+            # "Error handling request GET /path?query"
+            record.msg, record.args = message.split("?", 1)[0], ()
         return True
 
 
@@ -97,7 +108,8 @@ class _QuietInvalidRequest(logging.Filter):
 #   client sent.
 #   The codes are a copy of gateway/errors.py's CODES (this file cannot import
 #   the gateway: the master must not import ssl before gevent patches the
-#   workers); tests/test_errors.py proves the two agree.
+#   workers); tests/test_errors.py proves the two agree. The request is not
+#   parsed, so the request id is a new one, never the client's X-Request-ID.
 #
 
 _GUNICORN_CODES = {
@@ -110,10 +122,12 @@ _GUNICORN_CODES = {
 
 def _json_error(sock, status_int, reason, mesg):
     code = _GUNICORN_CODES.get(status_int, "bad_request" if status_int < 500 else "internal_error")
-    body = json.dumps({"error": code, "message": f"{reason}."}).encode()
+    request_id = os.urandom(8).hex()
+    body = json.dumps({"error": code, "message": f"{reason}.", "request_id": request_id}).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"X-Gateway-Request-Id: {request_id}\r\n\r\n"
     )
     gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
 
@@ -127,18 +141,120 @@ gunicorn.util.write_error = _json_error
 #       `flask --app gateway check-config` (the same check users run): a broken
 #       config stops gunicorn with the problem list and exit status 1 instead
 #       of a worker-boot traceback per worker. It runs in a child process so
-#       the master imports no ssl before gevent patches the workers.
-#   post_worker_init - Each worker's error log gets _QuietInvalidRequest (the
-#       workers are where requests are parsed).
+#       the master never imports the gateway (nor requests and urllib3) before
+#       gevent patches the workers. Its summary goes to stderr: stdout is the
+#       access log.
+#   Reload (HUP) - The same check runs first. With a broken config the master
+#       logs every problem, counts a failed reload and keeps the workers it has,
+#       so the gateway goes on serving the config it had. gunicorn has no hook
+#       before a reload (on_reload runs after the new config is read, and new
+#       workers would boot on the broken file), so on_starting wraps the
+#       master's reload.
+#   Metrics - prometheus_client's multiprocess mode: each worker writes its
+#       counts to files in PROMETHEUS_MULTIPROC_DIR (a new temporary folder, or
+#       the one named, emptied) and a scrape of /metrics sums them. child_exit
+#       drops an exited worker's live gauges and folds its counters and
+#       histograms into one file per kind, so the folder holds a few files per
+#       live worker however often workers are replaced.
+#   post_worker_init - Each worker's error log gets _QuietRequestText (the
+#       workers are where requests are parsed); say when a worker has loaded
+#       the app, not only forked.
 #
 
-
-def post_worker_init(worker):
-    worker.log.error_log.addFilter(_QuietInvalidRequest())
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_CHECK = [sys.executable, "-m", "flask", "--app", "gateway", "check-config"]
 
 
 def on_starting(server):
-    check = [sys.executable, "-m", "flask", "--app", "gateway", "check-config"]
-    if subprocess.run(check, cwd=os.path.dirname(os.path.abspath(__file__))).returncode:
+    if subprocess.run(_CHECK, cwd=_ROOT, stdout=sys.stderr).returncode:
         print("gateway: not starting until the config is fixed", file=sys.stderr)
         sys.exit(1)
+    _fresh_metrics_folder(server)
+    reload = server.reload
+    server.reload = lambda: _checked_reload(server, reload)
+
+
+def _checked_reload(server, reload):
+    try:
+        check = subprocess.run(_CHECK, cwd=_ROOT, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        check = subprocess.CompletedProcess(_CHECK, 1, "", "the config check took over 120 s\n")
+    if check.returncode:
+        server.log.error("gateway: reload refused, the workers keep the config they have:")
+        for line in check.stderr.splitlines():
+            server.log.error("gateway: %s", line)
+        server.gateway_reloads.labels("failed").inc()
+        return
+    for line in check.stderr.splitlines():  # warnings
+        server.log.warning("gateway: %s", line)
+    server.log.info("gateway: the config is valid; reloading")
+    server.gateway_reloads.labels("ok").inc()
+    reload()
+
+
+def _fresh_metrics_folder(server):
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    server.gateway_metrics_folder_made = not folder
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        for path in glob.glob(os.path.join(folder, "*.db")):
+            os.remove(path)
+    else:
+        folder = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    # Imported only now: prometheus_client picks multiprocess mode at import,
+    # from the variable, and the workers inherit the module as it is.
+    from prometheus_client import Counter
+
+    server.gateway_reloads = Counter(
+        "gateway_config_reloads", "Config reloads on SIGHUP, by result.", ["result"], registry=None
+    )
+    for result in ("ok", "failed"):
+        server.gateway_reloads.labels(result)
+
+
+def post_worker_init(worker):
+    worker.log.error_log.addFilter(_QuietRequestText())
+    # After the app (and its config) loaded: the line says which workers serve
+    # the config as it was when they booted, e.g. after a reload.
+    worker.log.info("gateway: worker %s loaded the app", worker.pid)
+
+
+def child_exit(server, worker):
+    from prometheus_client.mmap_dict import MmapedDict
+    from prometheus_client.multiprocess import mark_process_dead
+
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    mark_process_dead(worker.pid, folder)
+    # Exclusive lock on the folder: a scrape (shared lock) never sees the
+    # worker's counts both folded and still in its own file, or in neither.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for kind in ("counter", "histogram"):
+            own = os.path.join(folder, f"{kind}_{worker.pid}.db")
+            if not os.path.exists(own):
+                continue
+            folded = os.path.join(folder, f"{kind}_exited.db")
+            totals = defaultdict(float)
+            for path in (folded, own):
+                if os.path.exists(path):
+                    for key, value, _, _ in MmapedDict.read_all_values_from_file(path):
+                        totals[key] += value
+            partial = os.path.join(folder, f"{kind}_exited.partial")
+            if os.path.exists(partial):
+                os.remove(partial)  # left by a master killed mid-fold: start it anew
+            merged = MmapedDict(partial)
+            for key, value in totals.items():
+                merged.write_value(key, value, 0.0)
+            merged.close()
+            os.replace(partial, folded)
+            os.remove(own)
+    finally:
+        os.close(fd)
+
+
+def on_exit(server):
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if server.gateway_metrics_folder_made:
+        shutil.rmtree(folder, ignore_errors=True)

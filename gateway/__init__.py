@@ -8,7 +8,19 @@ from typing import Any
 
 from flask import Flask
 
-from . import cli, config, errors, explain, limit_store, openapi, report, upstream
+from . import (
+    access_log,
+    cli,
+    config,
+    errors,
+    explain,
+    limit_store,
+    metrics,
+    openapi,
+    recording,
+    report,
+    upstream,
+)
 from .proxy import bp
 
 __all__ = ["create_app"]
@@ -21,10 +33,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         GATEWAY_CONFIG=os.path.join(app.instance_path, "config.yaml"),
         GATEWAY_ENV_FILE=Path(app.instance_path).parent / ".env",
         GATEWAY_ENVIRON=None,
+        GATEWAY_LOG_FORMAT="json",
         UPSTREAM_POOL_SIZE=100,
     )
     if test_config is None:
-        for key in ("GATEWAY_CONFIG", "GATEWAY_ENV_FILE"):
+        for key in ("GATEWAY_CONFIG", "GATEWAY_ENV_FILE", "GATEWAY_LOG_FORMAT"):
             if key in os.environ:
                 app.config[key] = os.environ[key]
         if "GATEWAY_POOL_SIZE" in os.environ:
@@ -34,6 +47,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     errors.init_app(app)
     config.init_app(app)
+    recording.init_app(app)
+    access_log.init_app(app)
+    metrics.init_app(app)
     upstream.init_app(app)
     limit_store.init_app(app)
     cli.init_app(app)

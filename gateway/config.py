@@ -65,6 +65,8 @@ class GatewayConfig:
     limit_storage: str = "sqlite"  # where limit counters live (limit_store.open_store)
     fail_open: bool = False  # let limited calls through when the storage is unreachable
     upstream_idle: float = DEFAULT_UPSTREAM_IDLE_MS / 1000
+    trusted_proxies: int = 0  # X-Forwarded-For hops believed for the client's address
+    metrics_token: str | None = field(default=None, repr=False)  # None: no /metrics
 
     def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
         """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
@@ -234,6 +236,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         secrets,
         problems,
     )
+    metrics_token = _metrics_token(data.get("metrics"), secrets, keys, problems)
     if problems:
         raise ConfigError(problems)
     return GatewayConfig(
@@ -250,7 +253,43 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         limit_storage=storage,
         fail_open=data.get("limits", {}).get("failOpen", False),
         upstream_idle=data.get("upstreamIdleMs", DEFAULT_UPSTREAM_IDLE_MS) / 1000,
+        trusted_proxies=data.get("trustedProxies", 0),
+        metrics_token=metrics_token,
     )
+
+
+# The shortest metrics token accepted: anyone who guesses it reads the counts.
+MIN_METRICS_TOKEN_LENGTH = 16
+
+
+def _metrics_token(
+    spec: dict[str, Any] | None,
+    secrets: Mapping[str, str | None],
+    keys: Mapping[bytes, Any],
+    problems: list[str],
+) -> str | None:
+    """Return the token ``GET /metrics`` needs, or None when metrics are off."""
+    if spec is None:
+        return None
+    ref = spec["tokenRef"]
+    if ref not in secrets:
+        known = ", ".join(sorted(secrets)) or "none"
+        problems.append(f"metrics.tokenRef: unknown secret {ref!r}; known secrets: {known}")
+        return None
+    token = secrets[ref]
+    if token is None:
+        return None  # the secret's own problem is reported already
+    if len(token) < MIN_METRICS_TOKEN_LENGTH:
+        problems.append(
+            f"metrics.tokenRef: secret {ref!r} is shorter than {MIN_METRICS_TOKEN_LENGTH} "
+            "characters; use a long random token (openssl rand -hex 32)"
+        )
+    if key_digest(token) in keys:
+        problems.append(
+            f"metrics.tokenRef: secret {ref!r} is also a client key; a client key must not "
+            "read the metrics"
+        )
+    return token
 
 
 # --- reading the file ----------------------------------------------------------

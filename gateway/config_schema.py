@@ -17,6 +17,7 @@ __all__ = [
     "NAME_RULE",
     "ConfigSchema",
     "ClientSchema",
+    "MetricsSchema",
     "TargetSchema",
     "checked_part",
 ]
@@ -160,6 +161,10 @@ class ClientSchema(Schema):
     maxTokens = fields.Integer(strict=True, validate=validate.Range(1, 100_000_000))
 
 
+class MetricsSchema(Schema):
+    tokenRef = fields.String(required=True, error_messages=_REQUIRED)
+
+
 class ConfigSchema(Schema):
     targets = fields.Dict(
         keys=fields.String(),
@@ -180,9 +185,12 @@ class ConfigSchema(Schema):
     egressGuard = fields.Boolean(truthy={True}, falsy={False})
     limits = fields.Nested(LimitStorageSchema)
     upstreamIdleMs = fields.Integer(strict=True, validate=validate.Range(0, 600_000))
+    trustedProxies = fields.Integer(strict=True, validate=validate.Range(0, 16))
+    metrics = fields.Nested(MetricsSchema)
 
 
 _SECTIONS = {"targets": TargetSchema, "clients": ClientSchema}
+_NESTED = {"metrics": MetricsSchema}
 
 
 def checked_part(
@@ -219,7 +227,7 @@ def checked_part(
                 if "key" not in entry_errors and isinstance(bad, dict) and isinstance(entry, dict):
                     passed[section][key] = {k: v for k, v in entry.items() if k not in bad}
         else:
-            _flatten(section_errors, str(section), ConfigSchema, problems)
+            _flatten(section_errors, str(section), _NESTED.get(section, ConfigSchema), problems)
     for section in errors.keys() - raw.keys():  # required sections that are missing
         _flatten(errors[section], str(section), ConfigSchema, problems)
     # Values were checked above; load only to apply the schema's types.
@@ -230,8 +238,9 @@ def _flatten(errors: Any, where: str, schema: type[Schema] | None, out: list[str
     """Turn marshmallow's nested errors below ``where`` into ``location: message`` lines."""
     if isinstance(errors, dict):
         for key, value in errors.items():
-            if key == "value":
-                # Dict fields nest errors as {k: {"value": ...}, k: {"key": ...}}.
+            if key in ("value", "_schema"):
+                # Dict fields nest errors as {k: {"value": ...}, k: {"key": ...}};
+                # a Nested field given a non-mapping says so under "_schema".
                 _flatten(value, where, schema, out)
             elif key == "key":
                 _flatten(value, f"{where} (the key)", None, out)

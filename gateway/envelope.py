@@ -103,6 +103,10 @@ class HealthSchema(Schema):
 class ErrorSchema(Schema):
     error = fields.String(required=True, metadata={"description": "Stable error code."})
     message = fields.String(required=True, metadata={"description": "What went wrong."})
+    request_id = fields.String(
+        required=True,
+        metadata={"description": "The gateway's request id (also in X-Gateway-Request-Id)."},
+    )
     fields_ = fields.Dict(data_key="fields", metadata={"description": "Per-field problems."})
 
 

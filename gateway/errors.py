@@ -10,8 +10,10 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, NamedTuple
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
+
+from .record import ID_HEADER, request_id
 
 __all__ = [
     "CODES",
@@ -52,6 +54,9 @@ CODES: dict[str, Code] = {
         401, "the key is not in the config, or not valid yet (`notBefore`); a hash is not a key"
     ),
     "expired_client_key": Code(401, "the key's `expires` has passed"),
+    "invalid_metrics_token": Code(
+        401, "`GET /metrics` without the metrics token (`metrics.tokenRef`)"
+    ),
     "method_not_allowed": Code(403, "method outside `allowedMethods`"),
     "path_not_allowed": Code(403, "path outside `allowedPaths`"),
     "origin_not_allowed": Code(403, "browser `Origin` outside `allowedOrigins`"),
@@ -119,9 +124,11 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
 
-def error_body(code: str, message: str, fields: dict[str, Any] | None = None) -> dict:
-    """Return the JSON error shape: ``{"error", "message"}`` plus field errors if any."""
-    body: dict[str, Any] = {"error": code, "message": message}
+def error_body(
+    code: str, message: str, request_id: str, fields: dict[str, Any] | None = None
+) -> dict:
+    """Return the JSON error shape: ``{"error", "message", "request_id"}``, field errors if any."""
+    body: dict[str, Any] = {"error": code, "message": message, "request_id": request_id}
     if fields:
         body["fields"] = fields
     return body
@@ -146,27 +153,37 @@ def config_invalid_app(problems: list[str]) -> Callable[..., Iterable[bytes]]:
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     print("gateway: answering 503 config_invalid until it is fixed", file=sys.stderr, flush=True)
-    body = json.dumps(
-        error_body(
-            "config_invalid",
-            "The gateway's config is invalid; its error log lists the problems.",
-        )
-    ).encode()
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-
     status = CODES["config_invalid"].status
     status_line = f"{status} {HTTPStatus(status).phrase}"
+    message = "The gateway's config is invalid; its error log lists the problems."
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        start_response(status_line, headers)
+        rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
+        body = json.dumps(error_body("config_invalid", message, rid)).encode()
+        start_response(
+            status_line,
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                (ID_HEADER, rid),
+            ],
+        )
         return [body]
 
     return app
 
 
+def _answer(code: str, message: str, fields: dict[str, Any] | None = None):
+    """Return the JSON error response for ``code``, noting the code on the request's record."""
+    record = g.record
+    record.error = code
+    response = jsonify(error_body(code, message, record.request_id, fields))
+    response.status_code = CODES[code].status
+    return response
+
+
 def _gateway_error(exc: GatewayError):
-    response = jsonify(error_body(exc.code, exc.message, exc.fields))
-    response.status_code = exc.status
+    response = _answer(exc.code, exc.message, exc.fields)
     response.headers.update(exc.headers)
     return response
 
@@ -178,8 +195,7 @@ def _http_error(exc: HTTPException):
         message = "The request body is larger than this gateway accepts."
     else:
         message = exc.description or exc.name
-    response = jsonify(error_body(code, message))
-    response.status_code = CODES[code].status
+    response = _answer(code, message)
     # Keep Allow on a 405: clients use it to see what the route accepts.
     response.headers.extend([(k, v) for k, v in exc.get_headers() if k == "Allow"])
     return response
@@ -190,9 +206,7 @@ def _unexpected_error(exc: Exception):
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f"{frame.filename}:{frame.lineno}" if frame else "unknown"
     log.error("internal error (%s) at %s", type(exc).__name__, where)
-    response = jsonify(error_body("internal_error", "The gateway failed to handle this request."))
-    response.status_code = CODES["internal_error"].status
-    return response
+    return _answer("internal_error", "The gateway failed to handle this request.")
 
 
 def init_app(app: Flask) -> None:

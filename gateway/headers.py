@@ -62,6 +62,7 @@ _RESPONSE_BLOCKED = frozenset(
         "server",
         "alt-svc",
         "strict-transport-security",
+        "x-gateway-request-id",  # the gateway's own, added to every answer
     }
 )
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
 
-from flask import Blueprint, Response, after_this_request, current_app, request
+from flask import Blueprint, Response, after_this_request, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.routing import PathConverter
 
@@ -23,6 +23,7 @@ from .errors import GatewayError
 from .explain import EXPLAIN
 from .headers import client_headers, readable_codings, response_headers, upstream_headers
 from .policy import METHODS, Client, PolicyError, normalize_path
+from .record import Record
 from .request_body import read_body
 from .spend import Admission, admit
 from .upstream import Call, UpstreamBroke, body_chunks, prepare
@@ -108,6 +109,8 @@ def _authenticate() -> Client:
         ) from None
     _note("client", client.label)
     _note("key", item.describe())
+    g.record.client = client.label
+    g.record.target = client.target.name
     origin = request.headers.get("Origin")
     if origin is not None:
         if not client.allows_origin(origin):
@@ -156,8 +159,10 @@ def _add_cors_headers(response: Response) -> Response:
 
 def _allowed_path(client: Client, method: str, raw_path: str) -> str:
     """Return the normalized path if ``client`` may call ``method`` on it; raise otherwise."""
+    g.record.method = method
     try:
         path = normalize_path(raw_path)
+        g.record.path = path
         pattern = client.check(method, path)
     except PolicyError as exc:
         raise _policy_error(exc) from None
@@ -182,6 +187,8 @@ def _forward(call: Call, admission: Admission) -> Response:
         explanation.call, explanation.prepared = call, prepare(call)
         return Response(status=204)
     config = _config()
+    record = g.record
+    record.forwarding(call.client.target.name)
     try:
         upstream = current_app.extensions["gateway.upstream"].send(call)
     except GatewayError as exc:
@@ -198,21 +205,34 @@ def _forward(call: Call, admission: Admission) -> Response:
     if admission.llm.model is not None:
         admission.meter = UsageMeter(upstream.headers.get("Content-Type"))
         chunks = metered(chunks, admission.meter)
-    headers += admission.headers.items()
     status = upstream.status_code
+    record.upstream_answered(status, _upstream_request_id(headers))
+    headers += admission.headers.items()
+
+    sock = request.environ.get("gunicorn.socket")
+
+    def finish() -> None:
+        if sock is not None:
+            sock.settimeout(None)  # the server's keep-alive wait applies again
+        admission.finish(status)
+        if admission.meter is not None:
+            record.input_tokens = admission.meter.input_tokens
+            record.output_tokens = admission.meter.output_tokens
+
     try:
-        sock = request.environ.get("gunicorn.socket")
-
-        def finished() -> None:
-            if sock is not None:
-                sock.settimeout(None)  # the server's keep-alive wait applies again
-            admission.finish(status)
-
-        body = _Body(chunks, call, finished)
+        body = _Body(chunks, call, finish, record)
     except GatewayError:
         admission.finish(None)
         raise
     return UpstreamResponse(body, status=status, headers=headers, direct_passthrough=True)
+
+
+def _upstream_request_id(headers: list[tuple[str, str]]) -> str | None:
+    """Return the upstream's own request id (OpenAI's x-request-id, Anthropic's request-id)."""
+    for name, value in headers:
+        if name.lower() in ("x-request-id", "request-id"):
+            return value
+    return None
 
 
 def _log_block(call: Call, where: str) -> None:
@@ -233,10 +253,13 @@ class _Body:
     however the response ended: completed, client gone, or cut.
     """
 
-    def __init__(self, chunks: Iterator[bytes], call: Call, on_close: Callable[[], None]) -> None:
+    def __init__(
+        self, chunks: Iterator[bytes], call: Call, on_close: Callable[[], None], record: Record
+    ) -> None:
         self._chunks = chunks
         self._call = call
         self._on_close = on_close
+        self._record = record
         try:
             self._first = next(chunks, b"")
         except UpstreamBroke as exc:
@@ -258,7 +281,11 @@ class _Body:
             yield self._first
         try:
             yield from self._chunks
+        except UpstreamBroke as exc:
+            self._record.error = exc.failure().code
+            raise
         except egress.SecretInResponse:
+            self._record.error = "secret_in_response"
             _log_block(self._call, "response body (the stream was cut)")
             raise
 
@@ -273,6 +300,7 @@ def _read_body() -> bytes:
     """Read the request body within ``maxRequestBytes`` and the ``bodyTimeoutMs`` deadline."""
     config = _config()
     body = read_body(request.environ, config.max_request_bytes, config.body_timeout)
+    g.record.bytes_in = len(body)
     # From here the socket only sends: a client that stops reading the answer for
     # writeTimeoutMs is dropped, which frees its upstream connection. Once the
     # answer is over the server's own keep-alive wait applies again.
@@ -328,6 +356,8 @@ def _outgoing_headers(
         passed = client_headers(headers)
     except PolicyError as exc:
         raise _policy_error(exc) from None
+    # The upstream gets the gateway's request id, so both logs name the call alike.
+    passed.append(("X-Request-ID", g.record.request_id))
     accept = request.headers.get("Accept-Encoding")
     if admission.llm.model is not None:
         accept = "identity"  # the usage meter reads the answer as it passes
@@ -355,6 +385,7 @@ def _spend(client: Client, path: str, body: bytes | None, query: str) -> Admissi
             raise GatewayError("invalid_json", f"The request body {exc.reason}.") from None
         raise _policy_error(exc) from None
     if admission.llm.model is not None:
+        g.record.model = admission.llm.model
         _note("model", f"{admission.llm.model} (max tokens {admission.llm.ceiling or 'not set'})")
     if admission.headers:
         limits = ", ".join(f"{k}: {v}" for k, v in admission.headers.items())

@@ -101,3 +101,4 @@ def gateway(fake_upstream, tmp_path_factory, page_origin):
         assert value not in log, "a secret reached the gateway's log"
     for key in [k for k in config["clients"] if "keys" not in config["clients"][k]] + LIVE_KEYS:
         assert key not in log, "a client key reached the gateway's log"
+    assert [line["request_id"] for line in live.access_lines()], "no access lines were written"

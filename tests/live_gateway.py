@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -105,14 +107,23 @@ class LiveGateway:
     """gunicorn serving ``wsgi:app`` on a free loopback port, logs kept in a file.
 
     ``url`` and ``port`` are a CanaryRelay's: every answer is checked for secrets.
+    With ``access_log_path``, stdout (the access log) goes there, apart from stderr.
     """
 
-    def __init__(self, config_path: str, env: dict[str, str], log_path: Path, **settings) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        env: dict[str, str],
+        log_path: Path,
+        access_log_path: Path | None = None,
+        **settings,
+    ) -> None:
         self.gunicorn_port = free_port()
         self.relay = CanaryRelay(self.gunicorn_port, [v.encode() for v in CANARIES.values()])
         self.port = self.relay.port
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.access_log_path = access_log_path
         self.env = {
             **os.environ,
             **env,
@@ -130,12 +141,14 @@ class LiveGateway:
             self.relay = CanaryRelay(self.gunicorn_port, self.relay.secrets, self.port)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log = log
+        out = open(self.access_log_path, "ab") if self.access_log_path else None  # noqa: SIM115
+        self._out = out
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT,
             env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=out or log,
+            stderr=log if out else subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -143,8 +156,8 @@ class LiveGateway:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log_path.read_text()}")
             try:
                 if requests.get(self.url + "/health", timeout=1).ok:
-                    # Every worker must be up, not just the first one.
-                    if len(self.worker_pids()) >= int(self.env["GATEWAY_WORKERS"]):
+                    # Every worker must have loaded the app, not just the first one.
+                    if len(self.loaded_workers()) >= int(self.env["GATEWAY_WORKERS"]):
                         return self
             except (requests.ConnectionError, requests.Timeout):
                 pass  # not listening yet, or a worker still booting on a busy machine
@@ -155,6 +168,11 @@ class LiveGateway:
     def processes(self) -> list[psutil.Process]:
         master = psutil.Process(self.process.pid)
         return [master, *master.children(recursive=True)]
+
+    def loaded_workers(self) -> set[int]:
+        """Return the live workers that have loaded the app (gunicorn.conf.py logs it)."""
+        loaded = set(map(int, re.findall(r"gateway: worker (\d+) loaded the app", self.log_text())))
+        return loaded & self.worker_pids()
 
     def worker_pids(self) -> set[int]:
         return {p.pid for p in psutil.Process(self.process.pid).children()}
@@ -170,7 +188,29 @@ class LiveGateway:
         return total
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """Return everything gunicorn wrote: both logs, unless they are apart."""
+        text = self.log_path.read_text(errors="replace")
+        if self.access_log_path and self.access_log_path.exists():
+            text += self.access_log_path.read_text(errors="replace")
+        return text
+
+    def access_lines(self) -> list[dict]:
+        """Return the access log's lines, parsed (they all must be JSON objects)."""
+        text = self.access_log_path.read_text() if self.access_log_path else self.log_text()
+        lines = text.splitlines()
+        if not self.access_log_path:  # mixed with the error log: take the JSON lines
+            lines = [line for line in lines if line.startswith("{")]
+        return [json.loads(line) for line in lines]
+
+    def access_line(self, request_id: str, timeout: float = 10) -> dict:
+        """Wait for the access line of ``request_id`` (written when its answer has ended)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.access_lines() if line["request_id"] == request_id]
+            if found or time.monotonic() > deadline:
+                assert len(found) == 1, f"{len(found)} access lines for {request_id}"
+                return found[0]
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -181,5 +221,7 @@ class LiveGateway:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        if self._out:
+            self._out.close()
         self.relay.close()
         assert not self.relay.leaks, f"a response carried a secret: {set(self.relay.leaks)}"

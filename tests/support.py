@@ -13,6 +13,7 @@ CANARIES = {
     "CANARY_OPENAI": "sk-canary-openai-3f9a1c",
     "CANARY_RAPID": "canary-rapid/77d0e2",  # a "/" that JSON may write as "\\/"
     "CANARY_ANTHROPIC": "sk-ant-canary-41b8aa",
+    "CANARY_METRICS": "metrics-canary-token-5d2e9b71",
 }
 UPSTREAM = "http://upstream.test/v1"
 CHAT_KEY = "ck-test-chat-0123456789"
@@ -109,6 +110,8 @@ def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
     """Return the test config against a real upstream, plus slow, dead, SDK and browser clients."""
     config = base_config(upstream_url + "/v1")
     config["bodyTimeoutMs"] = 2000
+    config["secrets"]["metrics"] = "${CANARY_METRICS}"
+    config["metrics"] = {"tokenRef": "metrics"}
     config["writeTimeoutMs"] = 3000
     config["targets"]["dead"] = {"baseUrl": dead_url}
     config["targets"]["anthropic"] = {"baseUrl": upstream_url}

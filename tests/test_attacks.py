@@ -132,7 +132,8 @@ def check_answer(status: int, headers, body: bytes) -> None:
     if headers.get("X-Fake-Upstream") is None:  # the gateway's own answer
         assert status in (400, 401, 403, 404, 405, 408, 413, 414, 431, 501), (status, body[:300])
         payload = json.loads(body)
-        assert set(payload) - {"fields"} == {"error", "message"}
+        assert set(payload) - {"fields"} == {"error", "message", "request_id"}
+        assert payload["request_id"] == headers["X-Gateway-Request-Id"]
 
 
 @pytest.fixture

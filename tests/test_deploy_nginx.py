@@ -5,6 +5,7 @@ The http level turns gzip on for event streams, as many real nginx.conf files do
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import subprocess
 import tempfile
@@ -57,7 +58,9 @@ def upstream():
 @pytest.fixture(scope="module")
 def gateway(upstream, tmp_path_factory):
     folder = tmp_path_factory.mktemp("nginx-gateway")
-    config = write_config(folder / "config.yaml", base_config(upstream.url + "/v1"))
+    # nginx is the one proxy in front: believe the hop it adds to X-Forwarded-For.
+    raw = {**base_config(upstream.url + "/v1"), "trustedProxies": 1}
+    config = write_config(folder / "config.yaml", raw)
     # One worker: enough behind nginx, and up as soon as it answers.
     live = LiveGateway(config, CANARIES, folder / "gunicorn.log", workers=1).start()
     yield live
@@ -132,8 +135,21 @@ def test_events_arrive_as_sent_with_gzip_on(nginx, upstream):
     assert read_lockstep(response, upstream) == [b"data: 0", b"data: 1", b"data: 2", b"data: 3"]
     # The block's `gzip off` wins over the http level's `gzip on`: bytes pass as sent.
     assert response.headers.get("Content-Encoding") is None
-    # The access log showing the caller's address (X-Forwarded-For, trustedProxies: 1)
-    # is asserted with issue 11, which adds both.
+
+
+def test_the_access_log_shows_the_callers_address_not_nginxs(nginx, gateway):
+    nginx, _ = nginx
+    host, port = nginx.removeprefix("http://").split(":")
+    # The caller on 127.0.0.2, so its address differs from nginx's own (127.0.0.1),
+    # and it claims another address: only the hop nginx adds is believed.
+    connection = http.client.HTTPConnection(host, int(port), source_address=("127.0.0.2", 0))
+    connection.request(
+        "GET", "/health", headers={"X-Forwarded-For": "203.0.113.66", "X-Request-ID": "via-nginx-1"}
+    )
+    answer = connection.getresponse()
+    assert answer.status == 200 and answer.getheader("X-Gateway-Request-Id") == "via-nginx-1"
+    connection.close()
+    assert gateway.access_line("via-nginx-1")["remote"] == "127.0.0.2"
 
 
 def test_the_gateway_keeps_events_flowing_where_the_location_buffers_and_gzips(nginx, upstream):

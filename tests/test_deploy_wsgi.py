@@ -44,6 +44,7 @@ def test_a_broken_config_answers_in_the_json_error_shape(tmp_path):
     assert json.loads(body) == {
         "error": "config_invalid",
         "message": "The gateway's config is invalid; its error log lists the problems.",
+        "request_id": headers["X-Gateway-Request-Id"],
     }
     # Every problem goes to the server's error log (stderr), and no secret with them.
     assert "the config has 2 problem(s)" in done.stderr

@@ -314,7 +314,8 @@ def test_each_active_key_reaches_the_upstream_with_the_secret(client, upstream, 
 def test_refused_keys_get_401_and_nothing_is_forwarded(client, upstream, key, code, message):
     response = call(client, key)
     assert response.status_code == 401
-    assert response.get_json() == {"error": code, "message": message}
+    request_id = response.headers["X-Gateway-Request-Id"]
+    assert response.get_json() == {"error": code, "message": message, "request_id": request_id}
     assert "invalid_token" in response.headers["WWW-Authenticate"]
     assert len(upstream.calls) == 0
 

@@ -63,7 +63,8 @@ def test_envelope_endpoint_never_answers_500(fuzz_app):
         assert response.status_code != 500, response.text
         assert response.status_code in (400, 401, 403, 413, 502, 504), response.text
         body = response.json()
-        assert set(body) - {"fields"} == {"error", "message"}
+        assert set(body) - {"fields"} == {"error", "message", "request_id"}
+        assert [body["request_id"]] == response.headers["x-gateway-request-id"]
         for value in CANARIES.values():
             assert value not in response.text
 
