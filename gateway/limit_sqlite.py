@@ -35,58 +35,36 @@ CREATE INDEX IF NOT EXISTS usage_time ON usage (time);
 class SQLiteStore(Store):
     """Counters in one SQLite file, shared by every worker and process that opens it.
 
-    Under gevent a check first tries the file lock without waiting, in the
-    worker's own thread (the common case: no thread hand-off); if another
-    process holds it, the check waits in a thread of the worker's own, so the
-    worker goes on serving its other requests. That first connection never
-    checkpoints (the one fsync a commit can cost); the waiting thread does.
+    Under gevent, each call runs in a thread of its own (one per worker), so a
+    worker waiting for the file lock goes on serving its other requests.
     """
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        self._local: tuple[int, sqlite3.Connection, sqlite3.Connection | None, Any] | None = None
+        self._local: tuple[int, sqlite3.Connection, Any] | None = None
         self._lock = threading.Lock()
         self._calls = 0
-        self._quick = 0  # checks done without waiting, since the last checkpoint
 
-    def _open(self, timeout: float, checkpoints: bool) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            self.path, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        if not checkpoints:
-            db.execute("PRAGMA wal_autocheckpoint=0")
-        db.executescript(_SCHEMA)
-        return db
-
-    def _connection(self) -> tuple[sqlite3.Connection, sqlite3.Connection | None, Any]:
-        """Return the waiting connection, the no-wait one (gevent only), and the thread."""
+    def _connection(self) -> tuple[sqlite3.Connection, Any]:
         if self._local is None or self._local[0] != os.getpid():
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            pool = _worker_thread()
-            waiting = self._open(10, checkpoints=True)
-            quick = self._open(0, checkpoints=False) if pool is not None else None
-            self._local = (os.getpid(), waiting, quick, pool)
-        return self._local[1], self._local[2], self._local[3]
+            db = sqlite3.connect(
+                self.path, timeout=10, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            self._local = (os.getpid(), db, _worker_thread())
+        return self._local[1], self._local[2]
 
     def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         try:
-            waiting, quick, pool = self._connection()
-            if pool is None:
-                with self._lock:
-                    return work(waiting)
-            try:
-                result = work(quick)
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                return pool.apply(work, (waiting,))
-            self._quick += 1
-            if self._quick % 500 == 0:  # fold the WAL back into the file, off the worker
-                pool.spawn(waiting.execute, "PRAGMA wal_checkpoint(PASSIVE)")
-            return result
+            db, pool = self._connection()
+            if pool is not None:
+                return pool.apply(work, (db,))
+            with self._lock:
+                return work(db)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite: {type(exc).__name__}") from None
 

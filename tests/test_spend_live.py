@@ -22,7 +22,7 @@ from .support import CANARIES, write_config
 
 KEYS = {
     name: f"ck-spend-{name}-0123456789"
-    for name in ("burst", "conc", "leaver", "killed", "budget", "models", "usage", "free")
+    for name in ("burst", "conc", "leaver", "killed", "budget", "models", "usage", "load", "free")
 }
 CHAT = {"model": "gpt-test", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -42,6 +42,9 @@ def _config(upstream_url: str, storage: str) -> dict:
         "budget": {"limits": {"tokens": ["1000/day"]}, "maxTokens": 100},
         "models": {"allowedModels": ["gpt-test*"], "maxTokens": 50},
         "usage": {"limits": {"tokens": ["10000000/day"]}},
+        "load": {
+            "limits": {"requests": ["1000000/day"], "concurrent": 1000, "tokens": ["100000000/day"]}
+        },
         "free": {},
     }
     clients = {KEYS[name]: {**client, "name": name, **extra} for name, extra in limits.items()}
@@ -350,3 +353,15 @@ def test_redis_stopped_refuses_limited_calls_only_and_recovers_when_it_is_back(r
     while _models(gateways[0], "conc").status_code != 200:
         assert time.monotonic() < deadline, "the gateway did not recover when Redis came back"
         time.sleep(0.2)
+
+
+def test_many_concurrent_limited_calls_all_succeed_under_every_limit(sqlite_pair):
+    # Every limit applies (requests, a slot, a token reservation and its settling),
+    # none is reached: under load the store must never fail a call.
+    def call(i: int) -> int:
+        body = {**CHAT, "model": f"gpt-load-{i % 4}", "max_tokens": 5}
+        return _chat(sqlite_pair[i % 2], "load", body).status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(call, range(400)))
+    assert statuses == [200] * 400
