@@ -167,7 +167,6 @@ class Bench:
             "BENCH_UPSTREAM_KEY": "bench-upstream-secret-placeholder",
             "GATEWAY_CONFIG": str(self.write_config("config.yaml", self.upstream)),
             "GATEWAY_ENV_FILE": os.devnull,
-            "GATEWAY_ACCESS_LOG": os.devnull,
             "GATEWAY_LOG_LEVEL": "warning",
         }
 

@@ -58,10 +58,6 @@ class Ask:
     scopes: tuple[tuple[str, LimitSet], ...]  # ("client:chat-app", limits), ("target:x", ...)
     reservation: int = 0  # tokens; 0 for a call that is not metered
 
-    @property
-    def metered(self) -> bool:
-        return any(limits.tokens for _, limits in self.scopes)
-
 
 @dataclass
 class Ticket:

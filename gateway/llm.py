@@ -16,7 +16,17 @@ from typing import Any
 
 from .policy import PolicyError
 
-__all__ = ["CEILING_FIELDS", "LLMCall", "ModelPattern", "read_call", "with_usage_requested"]
+# read_call's default: the body has not been read as JSON yet.
+NOT_PARSED: Any = object()
+
+__all__ = [
+    "CEILING_FIELDS",
+    "NOT_PARSED",
+    "LLMCall",
+    "ModelPattern",
+    "read_call",
+    "with_usage_requested",
+]
 
 # The fields OpenAI (chat, legacy), Anthropic and OpenAI's Responses API read a
 # call's output ceiling from.
@@ -71,23 +81,28 @@ def read_call(
     models: tuple[ModelPattern, ...],
     max_tokens: int | None,
     needs_ceiling: bool,
+    parsed: Any = NOT_PARSED,
 ) -> LLMCall:
     """Read ``body`` and check its model and ceiling; raise ``PolicyError`` if refused.
 
     ``needs_ceiling`` (a token budget applies) makes a ceiling required even
     without ``max_tokens`` configured. Where any rule applies, the body must be a
     JSON object (or empty); elsewhere a body that is not is simply not an LLM call.
+    ``parsed`` is the body already read as JSON (the envelope's), to skip reading it again.
     """
     strict = bool(models) or max_tokens is not None or needs_ceiling
-    parsed: Any = None
+    if parsed is NOT_PARSED:
+        parsed = None
+    elif parsed is not None:
+        body = None  # already read
     if body and (strict or body.lstrip()[:1] == b"{"):
         try:
             parsed = json.loads(body, object_pairs_hook=_refuse_duplicates)
         except (ValueError, RecursionError):
             if strict:
                 raise PolicyError("invalid_json", "is not valid JSON") from None
-        if strict and not isinstance(parsed, dict):
-            raise PolicyError("invalid_json", "is not a JSON object")
+    if strict and parsed is not None and not isinstance(parsed, dict):
+        raise PolicyError("invalid_json", "is not a JSON object")
     asked = [value for name, value in query if name == "model"]
     if isinstance(parsed, dict) and "model" in parsed:
         asked.append(parsed["model"])

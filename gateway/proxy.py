@@ -10,6 +10,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from flask import Blueprint, Response, after_this_request, current_app, g, request
@@ -22,6 +23,7 @@ from .envelope import EnvelopeSchema, encoded_body, encoded_query
 from .errors import GatewayError
 from .explain import EXPLAIN
 from .headers import client_headers, readable_codings, response_headers, upstream_headers
+from .llm import NOT_PARSED
 from .policy import METHODS, Client, PolicyError, normalize_path
 from .record import Record
 from .request_body import read_body
@@ -366,7 +368,9 @@ def _outgoing_headers(
     return upstream_headers(client.target.default_headers, passed, client.secret_headers, accept)
 
 
-def _spend(client: Client, path: str, body: bytes | None, query: str) -> Admission:
+def _spend(
+    client: Client, path: str, body: bytes | None, query: str, parsed: Any = NOT_PARSED
+) -> Admission:
     """Apply the client's model, ceiling and limit rules to one call (spend.admit)."""
     config = _config()
     dry = EXPLAIN in request.environ  # flask explain: check the limits, count nothing
@@ -378,6 +382,7 @@ def _spend(client: Client, path: str, body: bytes | None, query: str) -> Admissi
             path,
             body,
             parse_qsl(query, keep_blank_values=True),
+            parsed=parsed,
             dry=dry,
         )
     except PolicyError as exc:
@@ -411,7 +416,7 @@ def envelope():
         _refuse_body_on(env["method"])
         if not any(k.lower() == "content-type" for k, _ in headers):
             headers.append(("Content-Type", "application/json"))
-    admission = _spend(client, path, body, query)
+    admission = _spend(client, path, body, query, env.get("body"))
     call = Call(
         client=client,
         method=env["method"],

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .errors import GatewayError
 from .limit_store import Store, StoreUnavailable, UsageRow
 from .limits import Ask, Ticket
-from .llm import LLMCall, read_call, with_usage_requested
+from .llm import NOT_PARSED, LLMCall, read_call, with_usage_requested
 from .policy import Client
 from .usage import UsageMeter
 
@@ -80,6 +81,7 @@ def admit(
     body: bytes | None,
     query: Iterable[tuple[str, str]],
     *,
+    parsed: Any = NOT_PARSED,
     dry: bool = False,
 ) -> Admission:
     """Check ``client``'s model, ceiling and limits for one call; raise GatewayError if refused."""
@@ -93,16 +95,14 @@ def admit(
         if limits
     )
     budgeted = any(limits.tokens for _, limits in scopes)
-    llm = read_call(body, query, client.models, client.max_tokens, budgeted)
+    llm = read_call(body, query, client.models, client.max_tokens, budgeted, parsed)
     admission = Admission(client, store if scopes or llm.model else None, llm)
-    if llm.model is not None:
-        admission.meter = UsageMeter(None)
-        if budgeted and target.inject_usage:
-            admission.body = with_usage_requested(llm, path)
+    if llm.model is not None and budgeted and target.inject_usage:
+        admission.body = with_usage_requested(llm, path)
     if not scopes:
         return admission
     if llm.model is None:  # token budgets count LLM calls only
-        scopes = tuple((s, _without_tokens(limits)) for s, limits in scopes)
+        scopes = tuple((s, replace(limits, tokens=())) for s, limits in scopes)
         scopes = tuple((s, limits) for s, limits in scopes if limits)
     reservation = llm.reservation(len(admission.body or body or b"")) if llm.model else 0
     try:
@@ -122,9 +122,3 @@ def admit(
     if dry:
         admission.store = None  # nothing was counted, so nothing to settle
     return admission
-
-
-def _without_tokens(limits):
-    from dataclasses import replace
-
-    return replace(limits, tokens=())

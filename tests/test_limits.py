@@ -302,3 +302,16 @@ def test_anthropic_stream_usage_input_from_the_start_output_cumulative():
 def test_a_cut_stream_reports_no_usage():
     events = [b'data: {"usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n']
     assert _meter("text/event-stream", events, whole=False).tokens is None
+
+
+def test_a_body_already_read_as_json_is_checked_the_same():
+    call = read_call(
+        None, (), MODELS, 1024, False, {"model": "openai/gpt-4o-mini", "max_tokens": 9}
+    )
+    assert (call.model, call.ceiling) == ("openai/gpt-4o-mini", 9)
+    with pytest.raises(PolicyError) as info:
+        read_call(None, (), MODELS, 1024, False, ["openai/o1"])
+    assert info.value.code == "invalid_json"
+    with pytest.raises(PolicyError) as info:
+        read_call(None, (), MODELS, 1024, False, {"model": "openai/o1", "max_tokens": 9})
+    assert info.value.code == "model_not_allowed"
