@@ -38,7 +38,7 @@ def main() -> None:
             "upstream", [sys.executable, "-m", "bench.upstream", str(bench.ports["upstream"])]
         )
         bench.started["gateway"] = bench.gunicorn("gateway", "wsgi:app")
-        bench.started["other"] = bench.gunicorn("other", "wsgi:app", args.other.resolve())
+        bench.started["other"] = bench.gunicorn("other", "wsgi:app", cwd=args.other.resolve())
         for system in systems.values():
             wrk(system, 32, 2)  # warm-up
         for run in range(args.runs):

@@ -8,6 +8,7 @@ client gone, and on error alike. It also gives each answer its request id.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .keys import KEY_PATTERN, PREFIX
 from .record import ID_HEADER, Observers, Record, request_id
 
 __all__ = ["init_app"]
@@ -79,12 +81,20 @@ class _Observed:
             record.finish()
 
 
+_PATH_LOGGED = 1024  # characters of a path kept in the record
+_KEY = re.compile(KEY_PATTERN)
+
+
 def _expose_record() -> None:
     record = g.record = request.environ[_ENVIRON_KEY]
-    # The route as written in the code, never the path as sent: an unknown path
-    # can hold anything, a key pasted in by mistake included. The edge replaces
-    # it with the normalized upstream path once it has one.
-    record.path = request.url_rule.rule if request.url_rule else None
+    # The path as the client asked for it, so an operator sees what was probed;
+    # never the query (where keys are pasted), and bounded, as the request line
+    # may be long. The edge replaces it with the normalized upstream path once
+    # it has one.
+    path = request.path[:_PATH_LOGGED]
+    if PREFIX in path:  # a gk_ client key pasted into the path is never logged
+        path = _KEY.sub(PREFIX + "[redacted]", path)
+    record.path = path
 
 
 def init_app(app: Flask) -> None:

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import create_app
 from gateway.access_log import fields, text_line
 from gateway.config import ConfigError, parse_config
+from gateway.keys import new_key
 from gateway.metrics import Metrics
 from gateway.record import Observers, Record, request_id
 
@@ -163,19 +164,29 @@ def test_refusals_are_logged_with_their_code_and_no_client_before_authentication
     capsys.readouterr()
     call(client, "GET", f"/proxy/models?key={CHAT_KEY}")
     call(client, "GET", "/proxy/admin?x=1", headers=AUTH)
-    call(client, "GET", f"/{CHAT_KEY}")
+    pasted = new_key()
+    call(client, "GET", f"/probe/{pasted}/x")
     unauthenticated, refused, unknown = log_lines(capsys)
     assert "client" not in unauthenticated
     assert (unauthenticated["status"], unauthenticated["error"]) == (401, "missing_client_key")
-    assert unauthenticated["path"] == "/proxy/<anything:rest>"  # the route, not what was sent
+    assert unauthenticated["path"] == "/proxy/models"  # what was probed, never the query
     assert (refused["client"], refused["path"], refused["error"]) == (
         "client#1",
         "/admin",
         "path_not_allowed",
     )
-    assert (unknown["path"], unknown["error"]) == (None, "not_found")
+    # A gk_ key pasted into a path is never logged.
+    assert (unknown["path"], unknown["error"]) == ("/probe/gk_[redacted]/x", "not_found")
     text = json.dumps([unauthenticated, refused, unknown])
-    assert CHAT_KEY not in text and "x=1" not in text
+    assert CHAT_KEY not in text and "x=1" not in text and pasted not in text
+
+
+def test_a_long_probed_path_is_logged_bounded(client, capsys):
+    capsys.readouterr()
+    call(client, "GET", "/proxy/" + "a" * 5000)
+    (line,) = log_lines(capsys)
+    assert line["error"] == "missing_client_key"
+    assert line["path"] == ("/proxy/" + "a" * 5000)[:1024]
 
 
 def test_the_text_format_is_one_readable_line(tmp_path, config_dict, capsys):
