@@ -128,20 +128,28 @@ def test_the_upstreams_request_id_is_logged_and_passed_on(gateway, fake_upstream
 
 def test_refusals_and_gateway_routes_are_logged_and_keys_and_queries_are_not(gateway):
     marker = "qv-" + uuid.uuid4().hex
+    # (asked, headers, status, code, the path logged: as asked before authentication,
+    # the upstream path after it; never the query or a key)
     cases = [
-        ("/health", {}, 200, None),
-        (f"/proxy/models?api_key={marker}", {"Authorization": f"Bearer {marker}"}, 401, None),
-        (f"/proxy/admin?token={marker}", AUTH, 403, "path_not_allowed"),
-        (f"/nowhere/{marker}", {}, 404, "not_found"),
+        ("/health", {}, 200, None, "/health"),
+        (
+            f"/proxy/models?api_key={marker}",
+            {"Authorization": f"Bearer {marker}"},
+            401,
+            None,
+            "/proxy/models",
+        ),
+        (f"/proxy/admin?token={marker}", AUTH, 403, "path_not_allowed", "/admin"),
+        (f"/nowhere/probed?q={marker}", {}, 404, "not_found", "/nowhere/probed"),
     ]
-    for path, headers, status, code in cases:
+    for path, headers, status, code, logged in cases:
         request_id = rid()
         response = requests.get(
             gateway.url + path, headers={**headers, "X-Request-ID": request_id}, timeout=10
         )
         assert response.status_code == status
         line = gateway.access_line(request_id)
-        assert line["status"] == status
+        assert (line["status"], line["path"]) == (status, logged)
         if code:
             assert line["error"] == code == response.json()["error"]
         assert response.headers["X-Gateway-Request-Id"] == request_id
