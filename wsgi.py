@@ -1,8 +1,8 @@
 """WSGI entry point for gunicorn (``wsgi:app``), Passenger and mod_wsgi (``application``)."""
 
 from gateway import create_app
-from gateway.config import ConfigError
-from gateway.errors import config_invalid_app
+from gateway.edge.errors import config_invalid_app
+from gateway.errors import ConfigError
 
 try:
     app = application = create_app()

@@ -19,8 +19,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.cli import _summary
-from gateway.config import load_config
+from gateway.commands.config import _summary
+from gateway.config.load import load_config
 
 ENV = {"OPENROUTER_API_KEY": "placeholder", "RAPIDAPI_KEY": "placeholder"}
 

@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 
-from gateway.egress import guard_headers, guarded_variants, scan_body
+from gateway.policy.egress import guard_headers, guarded_variants, scan_body
 
 from .__main__ import MB, Bench, System, free_port, run_client, wrk
 

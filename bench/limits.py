@@ -41,8 +41,8 @@ def _config(bench_run: Bench, name: str, storage: str | None, limited: bool) -> 
 
 
 def _hammer(path: str, count: int, out) -> None:
-    from gateway.limit_sqlite import SQLiteStore
-    from gateway.limits import Ask, LimitSet, parse_rate
+    from gateway.policy.limits import Ask, LimitSet, parse_rate
+    from gateway.spend.store.sqlite import SQLiteStore
 
     store = SQLiteStore(path)
     limits = LimitSet((parse_rate("100000000/day"),), 100000, (parse_rate("100000000000/day"),))

@@ -114,9 +114,9 @@ def cpu_cost() -> dict[str, float]:
     """Return the per-request CPU time of the record, the access line and the metrics."""
     from prometheus_client import CollectorRegistry
 
-    from gateway import access_log
-    from gateway.metrics import Metrics
-    from gateway.record import Observers, Record, request_id
+    from gateway.observe import access_log
+    from gateway.observe.metrics import Metrics
+    from gateway.observe.record import Observers, Record, request_id
 
     metrics = Metrics(CollectorRegistry())
     count = 20_000

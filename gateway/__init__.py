@@ -8,20 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import (
-    access_log,
-    cli,
-    config,
-    errors,
-    explain,
-    limit_store,
-    metrics,
-    openapi,
-    recording,
-    report,
-    upstream,
-)
-from .proxy import bp
+from . import commands, config, edge, observe, spend, upstream
 
 __all__ = ["create_app"]
 
@@ -45,16 +32,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     else:
         app.config.update(test_config)
 
-    errors.init_app(app)
-    config.init_app(app)
-    recording.init_app(app)
-    access_log.init_app(app)
-    metrics.init_app(app)
+    edge.errors.init_app(app)  # first: a config that cannot load is still logged
+    config.init_app(app)  # then every part below reads the config
+    observe.init_app(app)
     upstream.init_app(app)
-    limit_store.init_app(app)
-    cli.init_app(app)
-    explain.init_app(app)
-    report.init_app(app)
-    openapi.init_app(app)
-    app.register_blueprint(bp)
+    spend.init_app(app)
+    commands.init_app(app)
+    edge.init_app(app)
     return app

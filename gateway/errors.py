@@ -1,30 +1,26 @@
-"""The one error type, the one JSON error shape, and the one table of error codes."""
+"""Refusals and errors: the one table of error codes and the types that carry them.
+
+The bottom of the house: every package may import it, it imports nothing of the
+gateway and no Flask. ``GatewayError`` is what a client sees (a code from
+``CODES`` and a message); ``PolicyError`` is a rule's refusal, phrased by the
+edge; ``ConfigError`` lists every problem of a config with its location.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import traceback
-from collections.abc import Callable, Iterable
-from http import HTTPStatus
 from typing import Any, NamedTuple
 
-from flask import Flask, g, jsonify
-from werkzeug.exceptions import HTTPException
-
-from .record import ID_HEADER, request_id
+import click
 
 __all__ = [
     "CODES",
+    "Code",
+    "ConfigError",
     "GatewayError",
-    "config_invalid_app",
+    "PolicyError",
     "error_body",
-    "init_app",
     "markdown_table",
 ]
-
-log = logging.getLogger(__name__)
 
 
 class Code(NamedTuple):
@@ -90,20 +86,6 @@ CODES: dict[str, Code] = {
     "upstream_timeout": Code(504, "connect or read timeout before the response started"),
 }
 
-# The codes for errors werkzeug raises itself (routing, body size); any other
-# client error is a plain bad_request, any other server error an internal_error.
-_WERKZEUG_CODES = {
-    CODES[code].status: code
-    for code in (
-        "bad_request",
-        "not_found",
-        "route_method_not_allowed",
-        "request_too_large",
-        "uri_too_long",
-        "headers_too_large",
-    )
-}
-
 
 class GatewayError(Exception):
     """A refusal the client should see: a code from ``CODES`` and a human message."""
@@ -142,83 +124,29 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-def config_invalid_app(problems: list[str]) -> Callable[..., Iterable[bytes]]:
-    """Return a WSGI app that answers every request ``503 config_invalid``; log ``problems``.
+class PolicyError(Exception):
+    """A request outside what a client's policy allows.
 
-    For servers that import the app on the first request (Passenger, mod_wsgi):
-    an import error there becomes the server's own HTML error page, which no API
-    client can read. The problems go to stderr, the server's error log.
+    ``code`` is a stable error code; ``reason`` is a sentence fragment ("must start
+    with /") that each caller phrases into its own message; ``subject`` names what
+    the reason is about (a header name), where that is not already known.
     """
-    print(f"gateway: the config has {len(problems)} problem(s):", file=sys.stderr)
-    for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
-    print("gateway: answering 503 config_invalid until it is fixed", file=sys.stderr, flush=True)
-    status = CODES["config_invalid"].status
-    status_line = f"{status} {HTTPStatus(status).phrase}"
-    message = "The gateway's config is invalid; its error log lists the problems."
 
-    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
-        body = json.dumps(error_body("config_invalid", message, rid)).encode()
-        start_response(
-            status_line,
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                (ID_HEADER, rid),
-            ],
-        )
-        return [body]
-
-    return app
+    def __init__(self, code: str, reason: str, subject: str | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.reason = reason
+        self.subject = subject
 
 
-def _answer(code: str, message: str, fields: dict[str, Any] | None = None):
-    """Return the JSON error response for ``code``, noting the code on the request's record."""
-    record = g.record
-    record.error = code
-    response = jsonify(error_body(code, message, record.request_id, fields))
-    response.status_code = CODES[code].status
-    return response
+class ConfigError(click.ClickException):
+    """The config cannot be used; ``problems`` lists every reason with its location.
 
+    A ClickException, so that any ``flask`` command whose app cannot be built
+    prints the problem list and exits 1 instead of showing a traceback.
+    """
 
-def _gateway_error(exc: GatewayError):
-    response = _answer(exc.code, exc.message, exc.fields)
-    response.headers.update(exc.headers)
-    return response
-
-
-def _http_error(exc: HTTPException):
-    status = exc.code or 500
-    code = _WERKZEUG_CODES.get(status, "bad_request" if status < 500 else "internal_error")
-    if code == "request_too_large":
-        message = "The request body is larger than this gateway accepts."
-    else:
-        message = exc.description or exc.name
-    response = _answer(code, message)
-    # Keep Allow on a 405: clients use it to see what the route accepts.
-    response.headers.extend([(k, v) for k, v in exc.get_headers() if k == "Allow"])
-    return response
-
-
-def _unexpected_error(exc: Exception):
-    # Log where it happened, never the exception's text: it can hold header values.
-    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = f"{frame.filename}:{frame.lineno}" if frame else "unknown"
-    log.error("internal error (%s) at %s", type(exc).__name__, where)
-    return _answer("internal_error", "The gateway failed to handle this request.")
-
-
-def init_app(app: Flask) -> None:
-    """Register the JSON error handlers on ``app``; give the gateway's loggers a handler."""
-    logger = logging.getLogger(__package__)
-    logger.setLevel(logging.INFO)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("[%(asctime)s] %(levelname)s in %(name)s: %(message)s")
-        )
-        logger.addHandler(handler)
-    app.register_error_handler(GatewayError, _gateway_error)
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _unexpected_error)
+    def __init__(self, problems: list[str]) -> None:
+        lines = [f"The config has {len(problems)} problem(s):", *(f"  {p}" for p in problems)]
+        super().__init__("\n".join(lines))
+        self.problems = problems

@@ -75,7 +75,7 @@ def page_origin():
 @pytest.fixture(scope="session")
 def gateway(fake_upstream, tmp_path_factory, page_origin):
     """The real app under gunicorn (shipped gunicorn.conf.py) against the fake upstream."""
-    from gateway.keys import key_item
+    from gateway.policy.keys import key_item
 
     from .live_gateway import LiveGateway, free_port
     from .support import BROWSER_KEY, DOCS_KEY, LIVE_KEYS, live_config

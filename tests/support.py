@@ -90,7 +90,7 @@ LIVE_KEYS = [NAMED_KEY, NEXT_KEY, EXPIRED_KEY, EARLY_KEY, DOCS_KEY]
 
 def named_client() -> dict:
     """Return a named client ``chat-app`` with an active, a rotated-in, an expired, an early key."""
-    from gateway.keys import key_item
+    from gateway.policy.keys import key_item
 
     return {
         "keys": [

@@ -12,7 +12,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.policy import PathPattern
+from gateway.policy.access import PathPattern
 
 from .support import AUTH, CANARIES, CHAT_KEY, base_config
 

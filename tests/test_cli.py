@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway import create_app
-from gateway.config import ConfigError
-from gateway.keys import KEY_PATTERN, checksum_ok, key_item, new_key
+from gateway.errors import ConfigError
+from gateway.policy.keys import KEY_PATTERN, checksum_ok, key_item, new_key
 
 from .support import (
     CANARIES,

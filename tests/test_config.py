@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import ConfigError, load_config, parse_config
-from gateway.policy import PolicyError
+from gateway.config.load import load_config, parse_config
+from gateway.errors import ConfigError, PolicyError
 
 from .support import CANARIES, CHAT_KEY, base_config
 

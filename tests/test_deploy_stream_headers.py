@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import responses
 
-from gateway.headers import response_headers
+from gateway.policy.headers import response_headers
 
 from .support import CHAT_KEY, UPSTREAM
 

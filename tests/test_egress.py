@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 import pytest
 import requests
 
-from gateway.egress import SecretInResponse, guard_headers, guarded_variants, scan_body
+from gateway.policy.egress import SecretInResponse, guard_headers, guarded_variants, scan_body
 
 from .support import AUTH, BROWSER_KEY, CANARIES, RAPID_KEY, UPSTREAM, assert_no_canary
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from gateway.edge.openapi import build_spec
 from gateway.errors import CODES, markdown_table
-from gateway.openapi import build_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def _first_string_args(tree: ast.AST, callee: str) -> set[str]:
 
 def _raised_codes() -> set[str]:
     codes: set[str] = set()
-    for path in (ROOT / "gateway").glob("*.py"):
+    for path in (ROOT / "gateway").rglob("*.py"):
         tree = ast.parse(path.read_text())
         codes |= _first_string_args(tree, "GatewayError")
         codes |= _first_string_args(tree, "PolicyError")

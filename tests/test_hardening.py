@@ -8,7 +8,8 @@ import time
 import pytest
 import requests
 
-from gateway.policy import PathPattern, PolicyError, normalize_path
+from gateway.errors import PolicyError
+from gateway.policy.access import PathPattern, normalize_path
 
 from .support import AUTH, CHAT_KEY, RAPID_KEY, UPSTREAM
 

@@ -11,9 +11,9 @@ import requests
 import responses
 
 from bench.config_load import ENV, write_config
-from gateway.config import ConfigError, load_config, parse_config
-from gateway.keys import KEY_PATTERN, checksum_ok, instant, key_digest, key_item, new_key
-from gateway.policy import PolicyError
+from gateway.config.load import load_config, parse_config
+from gateway.errors import ConfigError, PolicyError
+from gateway.policy.keys import KEY_PATTERN, checksum_ok, instant, key_digest, key_item, new_key
 
 from .support import (
     CANARIES,

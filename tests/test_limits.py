@@ -8,12 +8,13 @@ import threading
 
 import pytest
 
-from gateway.limit_sqlite import SQLiteStore
-from gateway.limit_store import StoreUnavailable, UsageRow
-from gateway.limits import Ask, LimitSet, parse_rate
-from gateway.llm import ModelPattern, read_call, with_usage_requested
-from gateway.policy import PolicyError
-from gateway.usage import UsageMeter
+from gateway.errors import PolicyError
+from gateway.policy.limits import Ask, LimitSet, parse_rate
+from gateway.policy.models import ModelPattern
+from gateway.spend.calls import read_call, with_usage_requested
+from gateway.spend.meter import UsageMeter
+from gateway.spend.store.base import StoreUnavailable, UsageRow
+from gateway.spend.store.sqlite import SQLiteStore
 
 NOW = 1_800_000_030.0  # 30 s into a minute
 
@@ -86,7 +87,7 @@ def test_a_concurrency_slot_is_freed_when_the_call_finishes(store):
 
 
 def test_a_slot_whose_holder_stopped_renewing_expires(store):
-    from gateway.limit_store import LEASE_SECONDS
+    from gateway.spend.store.base import LEASE_SECONDS
 
     ask = _ask(concurrent=1)
     store.admit(ask, NOW)

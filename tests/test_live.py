@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from gateway.keys import key_item
+from gateway.policy.keys import key_item
 
 from .deploy_support import read_lockstep
 from .fake_upstream import GZIP_TEXT, PATTERN
@@ -240,7 +240,7 @@ def test_expired_early_and_hash_keys_get_401_under_gunicorn(gateway, fake_upstre
 def test_the_docs_example_envelope_is_forwarded_from_the_gateways_own_origin(
     gateway, fake_upstream
 ):
-    from gateway.openapi import ENVELOPE_EXAMPLE
+    from gateway.edge.openapi import ENVELOPE_EXAMPLE
 
     response = requests.post(
         gateway.url + "/proxy",

@@ -10,11 +10,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import create_app
-from gateway.access_log import fields, text_line
-from gateway.config import ConfigError, parse_config
-from gateway.keys import new_key
-from gateway.metrics import Metrics
-from gateway.record import Observers, Record, request_id
+from gateway.config.load import parse_config
+from gateway.errors import ConfigError
+from gateway.observe.access_log import fields, text_line
+from gateway.observe.metrics import Metrics
+from gateway.observe.record import Observers, Record, request_id
+from gateway.policy.keys import new_key
 
 from .support import AUTH, CANARIES, CHAT_KEY, UPSTREAM, base_config, write_config
 

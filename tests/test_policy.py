@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.policy import Client, PathPattern, PolicyError, Target, normalize_path
+from gateway.errors import PolicyError
+from gateway.policy.access import Client, PathPattern, Target, normalize_path
 
 HOSTILE_PATHS = [
     "chat/completions",  # relative

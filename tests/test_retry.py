@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
-from gateway.config import parse_config
+from gateway.config.load import parse_config
 from gateway.errors import GatewayError
-from gateway.policy import Client
-from gateway.pool import ResendTimeout
-from gateway.retry import may_resend
-from gateway.upstream import Call, Upstream, body_chunks
+from gateway.policy.access import Client
+from gateway.upstream.client import Call, Upstream, body_chunks
+from gateway.upstream.pool import ResendTimeout
+from gateway.upstream.retry import may_resend
 
 from .fake_upstream import FakeUpstream
 from .live_gateway import LiveGateway

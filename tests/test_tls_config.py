@@ -6,7 +6,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from gateway import create_app
-from gateway.config import ConfigError, load_config
+from gateway.config.load import load_config
+from gateway.errors import ConfigError
 
 from .support import AUTH, CANARIES, base_config, write_config
 from .tls_upstream import TLSUpstream, make_pki, server_context

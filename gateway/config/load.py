@@ -1,0 +1,420 @@
+"""Load and validate the YAML config; resolve secrets; report every problem at once."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from dotenv import dotenv_values
+from flask import Flask
+from werkzeug.http import is_hop_by_hop_header
+
+from ..errors import ConfigError, PolicyError
+from ..policy.access import Client, Target
+from ..policy.egress import guarded_variants
+from ..policy.headers import check_header
+from ..policy.keys import KeyItem, key_digest
+from ..upstream import tls
+from .clients import build_clients, client_labels, limit_set
+from .schema import checked_part
+
+__all__ = ["GatewayConfig", "environment", "init_app", "load_config", "parse_config"]
+
+DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
+# Below the 5 s keep-alive timeout of uvicorn, Node and many load balancers' backends.
+DEFAULT_UPSTREAM_IDLE_MS = 4_000
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """A validated config: the clients, every key by its digest, and the limits."""
+
+    targets: Mapping[str, Target]
+    clients: tuple[Client, ...]
+    keys: Mapping[bytes, tuple[Client, KeyItem]] = field(repr=False)
+    secret_names: tuple[str, ...]
+    max_request_bytes: int
+    body_timeout: float = 30.0
+    write_timeout: float = 60.0
+    guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
+    # Every client's allowedOrigins together: one set lookup per browser request.
+    origins: frozenset[str] = frozenset()
+    warnings: tuple[str, ...] = ()
+    limit_storage: str = "sqlite"  # where limit counters live (spend.store.open_store)
+    fail_open: bool = False  # let limited calls through when the storage is unreachable
+    upstream_idle: float = DEFAULT_UPSTREAM_IDLE_MS / 1000
+    trusted_proxies: int = 0  # X-Forwarded-For hops believed for the client's address
+    metrics_token: str | None = field(default=None, repr=False)  # None: no /metrics
+
+    def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
+        """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
+
+        One dict lookup by the key's digest, whatever the number of keys; a
+        hash sent as if it were a key is just an unknown key.
+        """
+        found = self.keys.get(key_digest(key))
+        if found is None:
+            raise PolicyError("invalid_client_key", "is not known to this gateway")
+        client, item = found
+        try:
+            item.check(now)
+        except PolicyError as exc:
+            raise PolicyError(exc.code, exc.reason, subject=client.label) from None
+        return found
+
+    def any_client_allows(self, origin: str) -> bool:
+        """Return whether some client lets a page on ``origin`` call (preflights, refusals)."""
+        return "*" in self.origins or origin.lower() in self.origins
+
+
+# --- cross-checks the schemas cannot express ----------------------------------
+
+
+def _resolve(name: str, raw: str, env: Mapping[str, str], problems: list[str]) -> str | None:
+    missing = [var for var in _VAR.findall(raw) if var not in env]
+    if missing:
+        for var in missing:
+            problems.append(
+                f"secrets.{name}: environment variable {var} is not set "
+                "(set it in the environment or in .env)"
+            )
+        return None
+    value = _VAR.sub(lambda m: env[m.group(1)], raw)
+    if not value.strip():
+        problems.append(f"secrets.{name}: resolves to an empty value")
+        return None
+    if re.search(r"[\r\n\x00]", value):
+        problems.append(f"secrets.{name}: value holds a line break or NUL")
+        return None
+    return value
+
+
+def _check_headers(where: str, headers: Mapping[str, str], problems: list[str]) -> None:
+    for name, value in headers.items():
+        try:
+            check_header(name, value)
+        except PolicyError as exc:
+            problems.append(f"{where}.{name}: {exc.reason}")
+
+
+def _check_base_url(where: str, url: str, problems: list[str]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{where}: must be an http or https URL such as https://api.example.com/v1")
+    elif parts.username or parts.password or parts.query or parts.fragment:
+        problems.append(f"{where}: must not hold credentials, a query or a fragment")
+
+
+_TLS_FIELDS = {"caBundle": "ca_bundle", "clientCert": "client_cert", "clientKey": "client_key"}
+
+
+def _check_tls(
+    where: str, spec: dict[str, Any], base_dir: Path, problems: list[str], warnings: list[str]
+) -> dict[str, str]:
+    """Check a target's TLS files; return them as Target fields, with absolute paths."""
+    paths = {key: (base_dir / spec[key]).absolute() for key in _TLS_FIELDS if key in spec}
+    if not paths:
+        return {}
+    before = len(problems)
+    if "baseUrl" in spec and urlsplit(spec["baseUrl"]).scheme != "https":
+        for key in paths:
+            problems.append(f"{where}.{key}: applies only to an https baseUrl")
+        return {}
+    if "clientKey" in paths and "clientCert" not in paths:
+        problems.append(f"{where}.clientKey: needs clientCert, the certificate it belongs to")
+    if "caBundle" in paths:
+        problem = tls.ca_bundle_problem(paths["caBundle"])
+        if problem:
+            problems.append(
+                f"{where}.caBundle: {paths['caBundle']}: {problem}; write the path of a PEM "
+                "file with the CA certificate(s), relative to the config file"
+            )
+    if "clientCert" in paths:
+        key = paths.get("clientKey")
+        for field_name, problem in tls.client_cert_problems(paths["clientCert"], key):
+            problems.append(f"{where}.{field_name}: {paths[field_name]}: {problem}")
+        warning = tls.key_file_warning(key or paths["clientCert"])
+        if warning:
+            warnings.append(f"{where}.{'clientKey' if key else 'clientCert'}: {warning}")
+    if len(problems) > before:
+        return {}
+    return {_TLS_FIELDS[key]: str(path) for key, path in paths.items()}
+
+
+def _check_storage(url: str, problems: list[str]) -> None:
+    if url == "sqlite" or url.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
+        return
+    problems.append(
+        "limits.storage: write sqlite (a file in the instance folder), "
+        "sqlite:////absolute/path.sqlite3, or redis://host:6379/0"
+    )
+
+
+def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None) -> GatewayConfig:
+    """Validate ``raw`` (the parsed YAML) and resolve secrets from ``env``.
+
+    Relative file paths in it are relative to ``base_dir`` (the config file's
+    folder; the working directory if None).
+    """
+    base_dir = base_dir or Path()
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): must be a mapping with targets, secrets and clients"])
+    problems: list[str] = []
+    warnings: list[str] = []
+    clients_raw = raw.get("clients")
+    labels = client_labels(clients_raw, problems) if isinstance(clients_raw, dict) else {}
+
+    def name_of(section: str, key: Any) -> str:
+        return labels[key] if section == "clients" else str(key)
+
+    # Keep checking what the schema accepted, so every problem is reported at once.
+    data = checked_part(raw, name_of, problems)
+
+    targets: dict[str, Target] = {}
+    for name, spec in data.get("targets", {}).items():
+        where = f"targets.{name}"
+        if "baseUrl" in spec:
+            _check_base_url(f"{where}.baseUrl", spec["baseUrl"], problems)
+            warning = tls.plain_http_warning(spec["baseUrl"])
+            if warning:
+                warnings.append(f"{where}.baseUrl: {warning}")
+        defaults = spec.get("defaultHeaders", {})
+        _check_headers(f"{where}.defaultHeaders", defaults, problems)
+        for header in defaults:
+            if header.lower() in ("host", "content-length") or is_hop_by_hop_header(header):
+                problems.append(
+                    f"{where}.defaultHeaders.{header}: the gateway sets this header itself"
+                )
+        tls_files = _check_tls(where, spec, base_dir, problems, warnings)
+        targets[name] = Target(
+            name,
+            spec.get("baseUrl", "").rstrip("/"),
+            tuple(defaults.items()),
+            **tls_files,
+            limits=limit_set(spec.get("limits", {})),
+            inject_usage=spec.get("injectUsage", True),
+        )
+
+    secrets = {
+        name: _resolve(name, raw_value, env, problems)
+        for name, raw_value in data.get("secrets", {}).items()
+    }
+    # What the egress guard keeps from clients: each secret as sent, and each
+    # variable inside it (the raw key in "Bearer ${KEY}" is what an upstream echoes).
+    guarded = [value for value in secrets.values() if value is not None]
+    for raw_value in data.get("secrets", {}).values():
+        guarded += [env[var] for var in _VAR.findall(raw_value) if var in env]
+    storage = data.get("limits", {}).get("storage", "sqlite")
+    _check_storage(storage, problems)
+    clients, keys = build_clients(
+        clients_raw if isinstance(clients_raw, dict) else {},
+        data.get("clients", {}),
+        labels,
+        targets if "targets" in data else None,
+        secrets,
+        problems,
+    )
+    metrics_token = _metrics_token(data.get("metrics"), secrets, keys, problems)
+    if problems:
+        raise ConfigError(problems)
+    return GatewayConfig(
+        targets=targets,
+        clients=clients,
+        keys=keys,
+        origins=frozenset(origin for client in clients for origin in client.origins),
+        secret_names=tuple(secrets),
+        max_request_bytes=data.get("maxRequestBytes", DEFAULT_MAX_REQUEST_BYTES),
+        body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
+        write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
+        guarded=guarded_variants(guarded) if data.get("egressGuard", True) else (),
+        warnings=tuple(warnings),
+        limit_storage=storage,
+        fail_open=data.get("limits", {}).get("failOpen", False),
+        upstream_idle=data.get("upstreamIdleMs", DEFAULT_UPSTREAM_IDLE_MS) / 1000,
+        trusted_proxies=data.get("trustedProxies", 0),
+        metrics_token=metrics_token,
+    )
+
+
+# The shortest metrics token accepted: anyone who guesses it reads the counts.
+MIN_METRICS_TOKEN_LENGTH = 16
+
+
+def _metrics_token(
+    spec: dict[str, Any] | None,
+    secrets: Mapping[str, str | None],
+    keys: Mapping[bytes, Any],
+    problems: list[str],
+) -> str | None:
+    """Return the token ``GET /metrics`` needs, or None when metrics are off."""
+    if spec is None:
+        return None
+    ref = spec["tokenRef"]
+    if ref not in secrets:
+        known = ", ".join(sorted(secrets)) or "none"
+        problems.append(f"metrics.tokenRef: unknown secret {ref!r}; known secrets: {known}")
+        return None
+    token = secrets[ref]
+    if token is None:
+        return None  # the secret's own problem is reported already
+    if len(token) < MIN_METRICS_TOKEN_LENGTH:
+        problems.append(
+            f"metrics.tokenRef: secret {ref!r} is shorter than {MIN_METRICS_TOKEN_LENGTH} "
+            "characters; use a long random token (openssl rand -hex 32)"
+        )
+    if key_digest(token) in keys:
+        problems.append(
+            f"metrics.tokenRef: secret {ref!r} is also a client key; a client key must not "
+            "read the metrics"
+        )
+    return token
+
+
+# --- reading the file ----------------------------------------------------------
+
+
+_STR, _SEQ, _MAP, _MERGE = (f"tag:yaml.org,2002:{k}" for k in ("str", "seq", "map", "merge"))
+
+
+# libyaml's parser when PyYAML has it (its wheels do): a 10,000-client file
+# loads in a fraction of the time the pure-Python one takes.
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """A SafeLoader that refuses a key written twice (the second would silently win).
+
+    Plain maps, lists and strings (nearly every node of a config) are built
+    directly; every other node goes through SafeLoader's own constructors.
+    That halves the time a large config takes to load.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        built: dict[int, Any] = {}  # by node: an alias is built once, however often used
+
+        def build(node: yaml.Node) -> Any:
+            if node.tag == _STR and isinstance(node, yaml.ScalarNode):
+                return node.value
+            if id(node) in built:
+                return built[id(node)]
+            data: Any
+            if node.tag == _MAP and isinstance(node, yaml.MappingNode):
+                data = built[id(node)] = {}
+                self._refuse_duplicates(node, build)
+                self.flatten_mapping(node)  # merge keys (<<) first, so written keys win
+                for key_node, value_node in node.value:
+                    data[build(key_node)] = build(value_node)
+            elif node.tag == _SEQ and isinstance(node, yaml.SequenceNode):
+                data = built[id(node)] = []
+                data.extend(build(item) for item in node.value)
+            else:
+                data = built[id(node)] = self.construct_object(node, deep=True)
+            return data
+
+        return build(node)
+
+    @staticmethod
+    def _refuse_duplicates(node: yaml.MappingNode, build: Any) -> None:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE:
+                continue
+            key = build(key_node)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "found unhashable key",
+                    key_node.start_mark,
+                ) from None
+            if duplicate:
+                # Not the key itself: under clients it may be a client key.
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key written twice in the same mapping", key_node.start_mark
+                )
+            seen.add(key)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> GatewayConfig:
+    """Read the YAML file at ``path`` and return the validated config."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                f"{path}: file not found; copy instance/config.example.yaml to "
+                "instance/config.yaml or set GATEWAY_CONFIG"
+            ]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot be read ({type(exc).__name__})"]) from None
+    # Loading makes hundreds of thousands of objects that all live on; each
+    # collection would walk them again, which made a large file quadratic.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        config = parse_config(raw, env, path.parent)
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(path, exc)]) from None
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
+    finally:
+        if collecting:
+            gc.enable()
+    return replace(config, warnings=tuple(f"{path}: {w}" for w in config.warnings))
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """Say where the YAML broke, and what PyYAML was reading when it did."""
+
+    def at(mark: yaml.Mark | None) -> str:
+        return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+
+    problem = getattr(exc, "problem", None) or "is not valid YAML"
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    text = f"{at(getattr(exc, 'problem_mark', None))}: {problem}"
+    if context:
+        text += f" ({context}"
+        if context_mark is not None:
+            text += f" at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        text += ")"
+    return text
+
+
+# --- wiring --------------------------------------------------------------------
+
+
+def environment(app: Flask) -> Mapping[str, str]:
+    """Return the variables secrets resolve from: ``.env`` first, the real environment wins.
+
+    Tests pass ``GATEWAY_ENVIRON`` instead.
+    """
+    if app.config.get("GATEWAY_ENVIRON") is not None:
+        return app.config["GATEWAY_ENVIRON"]
+    env_file = app.config["GATEWAY_ENV_FILE"]
+    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file else {}
+    return {**values, **os.environ}
+
+
+def init_app(app: Flask) -> None:
+    """Load the config named by ``GATEWAY_CONFIG`` into ``app.extensions``.
+
+    A broken config raises ConfigError: whatever loads the app (gunicorn, flask
+    run, Passenger) fails with the problem list rather than serve a part of it.
+    """
+    config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
+    app.extensions["gateway.config"] = config
+    app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes
