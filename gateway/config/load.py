@@ -19,7 +19,7 @@ from werkzeug.http import is_hop_by_hop_header
 
 from ..errors import ConfigError, PolicyError
 from ..policy.access import Client, Target
-from ..policy.egress import guarded_variants
+from ..policy.egress import GuardedSecrets, guarded_variants
 from ..policy.headers import check_header
 from ..policy.keys import KeyItem, key_digest
 from ..upstream import tls
@@ -45,7 +45,7 @@ class GatewayConfig:
     max_request_bytes: int
     body_timeout: float = 30.0
     write_timeout: float = 60.0
-    guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
+    guarded: GuardedSecrets | None = field(default=None, repr=False)  # what the egress guard blocks
     # Every client's allowedOrigins together: one set lookup per browser request.
     origins: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = ()
@@ -235,7 +235,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         max_request_bytes=data.get("maxRequestBytes", DEFAULT_MAX_REQUEST_BYTES),
         body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
         write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
-        guarded=guarded_variants(guarded) if data.get("egressGuard", True) else (),
+        guarded=guarded_variants(guarded) if data.get("egressGuard", True) else None,
         warnings=tuple(warnings),
         limit_storage=storage,
         fail_open=data.get("limits", {}).get("failOpen", False),
