@@ -11,7 +11,13 @@ from urllib.parse import parse_qsl, quote, quote_plus
 import pytest
 import requests
 
-from gateway.policy.egress import SecretInResponse, guard_headers, guarded_variants, scan_body
+from gateway.policy.egress import (
+    SecretInResponse,
+    SecretScanner,
+    guard_headers,
+    guarded_variants,
+    scan_body,
+)
 
 from .support import AUTH, BROWSER_KEY, CANARIES, RAPID_KEY, UPSTREAM, assert_no_canary
 
@@ -175,6 +181,21 @@ def test_a_redirect_carrying_a_secret_in_another_form_is_dropped(form):
     location = "https://app.test/cb?state=1&token=" + ENCODED[form]
     kept, dropped = guard_headers([("Location", location), ("X-Ok", "1")], SECRETS)
     assert kept == [("X-Ok", "1")] and dropped == ["Location"]
+
+
+def test_a_long_secret_is_found_split_anywhere_with_a_bounded_tail():
+    secret = "k/" * 60  # longer than the start pattern spells out
+    secrets = guarded_variants([secret])
+    encoded = quote(secret, safe="").encode()
+    for cut in range(1, len(encoded)):
+        sent = b""
+        with pytest.raises(SecretInResponse):
+            for piece in scan_body(iter([b"x ", encoded[:cut], encoded[cut:]]), secrets, None):
+                sent += piece
+        assert sent == b"x ", cut
+    scanner = SecretScanner(secrets)
+    for _ in range(100):
+        assert scanner.feed(encoded[:-1]) < secrets.longest  # the longest a secret can be written
 
 
 def test_escapes_of_other_text_pass_whole_and_at_once():
