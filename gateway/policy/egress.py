@@ -88,7 +88,7 @@ class GuardedSecrets:
         self._count = len(values)
         self._plain = tuple(value.encode("utf-8") for value in values)
         self._whole = re.compile(b"|".join(b"".join(map(_any, secret)) for secret in secrets))
-        # Every escape of a character of a secret, by the byte it starts with (% \\ +).
+        # Every escape of a character of a secret, by the byte it starts with (%, \ or +).
         escapes: dict[bytes, set[_Form]] = {}
         for value in values:
             for char in set(value):
@@ -111,7 +111,7 @@ class GuardedSecrets:
             if secret in data:
                 return True
         for lead, escapes in self._escapes:
-            at = data.find(lead)  # memchr: most text holds no % or \\ at all
+            at = data.find(lead)  # memchr: most text holds no % or \ at all
             if at != -1 and self._around(escapes, data, at):
                 return True
         return False
