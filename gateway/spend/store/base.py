@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...policy.limits import Ask, Quota, Ticket, Verdict, counter_key
+from ...settings import default
 
 __all__ = [
     "LEASE_SECONDS",
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 # A concurrency slot is a lease: its holder renews it while the call goes on, so a
 # slot held by a worker that was killed frees itself within the worker timeout
 # (gunicorn.conf.py reads the same variable).
-LEASE_SECONDS = float(os.environ.get("GATEWAY_WORKER_TIMEOUT", 30))
+LEASE_SECONDS = float(os.environ.get("GATEWAY_WORKER_TIMEOUT", default("GATEWAY_WORKER_TIMEOUT")))
 
 
 class StoreUnavailable(Exception):
