@@ -46,15 +46,16 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
 
     errors.init_app(app)
-    config.init_app(app)
+    cli.init_app(app)
+    explain.init_app(app)
+    report.init_app(app)
+    if not config.init_app(app):
+        return app  # a flask command with no usable config: the commands, nothing to serve
     recording.init_app(app)
     access_log.init_app(app)
     metrics.init_app(app)
     upstream.init_app(app)
     limit_store.init_app(app)
-    cli.init_app(app)
-    explain.init_app(app)
-    report.init_app(app)
     openapi.init_app(app)
     app.register_blueprint(bp)
     return app

@@ -119,11 +119,10 @@ def _summary(path: str, config: GatewayConfig, now: datetime) -> list[str]:
 def check_config(path: str | None, probe: bool, probe_timeout: float) -> None:
     """Validate the gateway config and print a summary, or every problem found.
 
-    It reads the file itself: the app's own config is not needed, only where
-    secrets come from. (If the app's config is broken, the flask command cannot
-    build the app, and says the same problems before this runs.) Warnings
-    (plaintext keys, keys about to expire, TLS files and plain http) do not fail
-    the check; a failed ``--probe`` exits 1.
+    It reads the file itself: the app's own config is not needed (it may be
+    missing or broken), only where secrets come from. Warnings (plaintext keys,
+    keys about to expire, TLS files and plain http) do not fail the check; a
+    failed ``--probe`` exits 1.
     """
     path = path or current_app.config["GATEWAY_CONFIG"]
     try:
@@ -183,7 +182,8 @@ def keys_hash() -> None:
             "was it cut short or mistyped?",
             err=True,
         )
-    found = current_app.extensions["gateway.config"].keys.get(key_digest(key))
+    live = current_app.extensions.get("gateway.config")  # None: no usable config, no hint
+    found = live.keys.get(key_digest(key)) if live is not None else None
     if found is not None and found[1].plaintext:
         click.echo(
             f"This is the plaintext key of clients.{found[0].label}: give that client a name "

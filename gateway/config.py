@@ -16,6 +16,7 @@ import click
 import yaml
 from dotenv import dotenv_values
 from flask import Flask
+from flask.cli import run_command
 from werkzeug.http import is_hop_by_hop_header
 
 from . import tls
@@ -26,7 +27,15 @@ from .headers import check_header
 from .keys import KeyItem, key_digest
 from .policy import Client, PolicyError, Target
 
-__all__ = ["ConfigError", "GatewayConfig", "environment", "init_app", "load_config", "parse_config"]
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "environment",
+    "init_app",
+    "load_config",
+    "parse_config",
+    "require",
+]
 
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 # Below the 5 s keep-alive timeout of uvicorn, Node and many load balancers' backends.
@@ -422,12 +431,43 @@ def environment(app: Flask) -> Mapping[str, str]:
     return {**values, **os.environ}
 
 
-def init_app(app: Flask) -> None:
-    """Load the config named by ``GATEWAY_CONFIG`` into ``app.extensions``.
+def _serving() -> bool:
+    """Return whether the app is being built to serve: by a server or ``flask run``.
 
-    A broken config raises ConfigError: whatever loads the app (gunicorn, flask
-    run, Passenger) fails with the problem list rather than serve a part of it.
+    Any other ``flask`` command builds the app too (``flask --help`` to list the
+    commands), and most of them need no config.
     """
-    config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
+    context = click.get_current_context(silent=True)
+    return context is None or context.command is run_command
+
+
+def init_app(app: Flask) -> bool:
+    """Load the config into ``app.extensions``; return whether there is one.
+
+    The config is the file named by ``GATEWAY_CONFIG``. A broken config raises
+    ConfigError when the app is built to serve (gunicorn, flask run, Passenger):
+    it fails with the problem list rather than serve a part of it. For any other
+    ``flask`` command the error is kept for ``require``.
+    """
+    try:
+        config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
+    except ConfigError as exc:
+        if _serving():
+            raise
+        app.extensions["gateway.config_error"] = exc
+        return False
     app.extensions["gateway.config"] = config
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes
+    return True
+
+
+def require(app: Flask, command: str) -> GatewayConfig:
+    """Return the app's config; for a ``command`` that needs it, say why there is none."""
+    error = app.extensions.get("gateway.config_error")
+    if error is None:
+        return app.extensions["gateway.config"]
+    problems = "\n".join(f"  {p}" for p in error.problems)
+    raise click.ClickException(
+        f"{command} needs the gateway config, and {app.config['GATEWAY_CONFIG']} could not be "
+        f"loaded ({len(error.problems)} problem(s)):\n{problems}"
+    )

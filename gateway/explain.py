@@ -13,6 +13,8 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 from werkzeug.test import Client
 
+from .config import require
+
 __all__ = ["EXPLAIN", "Explanation", "init_app"]
 
 # The WSGI environ key that carries an Explanation into the request.
@@ -104,6 +106,7 @@ def explain(
     is sent upstream. Exits 0 if the request would be forwarded (or answered by
     the gateway itself), 1 if it would be refused.
     """
+    require(current_app, "flask explain")
     sent: list[tuple[str, str]] = []
     if key is not None:
         sent.append(("Authorization", f"Bearer {key}"))
