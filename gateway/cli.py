@@ -14,7 +14,14 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from . import tls
-from .config import ConfigError, GatewayConfig, environment, load_config
+from .config import (
+    ConfigError,
+    GatewayConfig,
+    environment,
+    hand_over,
+    load_config,
+    read_config,
+)
 from .config_schema import CLIENT_NAME, NAME_RULE
 from .keys import PREFIX, checksum_ok, is_key_item, key_digest, key_item, new_key
 from .policy import Client, Target
@@ -115,8 +122,17 @@ def _summary(path: str, config: GatewayConfig, now: datetime) -> list[str]:
 @click.option(
     "--probe-timeout", default=5.0, show_default=True, help="Seconds to wait for each target."
 )
+@click.option(
+    "--hand-over",
+    "hand_over_fd",
+    type=int,
+    hidden=True,
+    help="gunicorn.conf.py's: write what was checked to this open file descriptor.",
+)
 @with_appcontext
-def check_config(path: str | None, probe: bool, probe_timeout: float) -> None:
+def check_config(
+    path: str | None, probe: bool, probe_timeout: float, hand_over_fd: int | None
+) -> None:
     """Validate the gateway config and print a summary, or every problem found.
 
     It reads the file itself: the app's own config is not needed (it may be
@@ -125,11 +141,16 @@ def check_config(path: str | None, probe: bool, probe_timeout: float) -> None:
     failed ``--probe`` exits 1.
     """
     path = path or current_app.config["GATEWAY_CONFIG"]
+    env = environment(current_app)
     try:
-        config = load_config(path, environment(current_app))
+        text = read_config(path)  # read once: what is handed over is what was checked
+        config = load_config(path, env, text)
     except ConfigError as exc:
         click.echo(exc.format_message(), err=True)
         raise SystemExit(1) from None
+    if hand_over_fd is not None:
+        with open(hand_over_fd, "wb", closefd=False) as out:
+            out.write(hand_over(path, text, env))
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo("\n".join(_summary(path, config, datetime.now(UTC))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -31,9 +32,11 @@ __all__ = [
     "ConfigError",
     "GatewayConfig",
     "environment",
+    "hand_over",
     "init_app",
     "load_config",
     "parse_config",
+    "read_config",
     "require",
 ]
 
@@ -365,11 +368,11 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             seen.add(key)
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> GatewayConfig:
-    """Read the YAML file at ``path`` and return the validated config."""
+def read_config(path: str | os.PathLike[str]) -> str:
+    """Return the text of the config file at ``path``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
             [
@@ -379,6 +382,15 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> Gateway
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot be read ({type(exc).__name__})"]) from None
+
+
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str], text: str | None = None
+) -> GatewayConfig:
+    """Return the validated config in the YAML file at ``path`` (or in ``text``, read from it)."""
+    path = Path(path)
+    if text is None:
+        text = read_config(path)
     # Loading makes hundreds of thousands of objects that all live on; each
     # collection would walk them again, which made a large file quadratic.
     collecting = gc.isenabled()
@@ -416,6 +428,33 @@ def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
     return text
 
 
+# --- the hand-over from the gunicorn master ------------------------------------
+
+
+def hand_over(path: str | os.PathLike[str], text: str, env: Mapping[str, str]) -> bytes:
+    """Return what a worker needs to build this checked config again: the text and its variables.
+
+    The gunicorn master keeps it for the workers it forks (gunicorn.conf.py), so
+    a worker never reads the file as it is now: edited, broken or deleted since
+    the master accepted it. The path only names the config and anchors its
+    relative paths (TLS files), as it did for the check.
+    """
+    used = {var: env[var] for var in _VAR.findall(text) if var in env}
+    return json.dumps({"path": str(Path(path).absolute()), "text": text, "env": used}).encode()
+
+
+def _handed_over(fd: int) -> GatewayConfig:
+    """Build the config the gunicorn master accepted, from the file descriptor it left open."""
+    try:
+        bundle = json.loads(os.pread(fd, os.fstat(fd).st_size, 0))
+        path, text, env = bundle["path"], bundle["text"], bundle["env"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            [f"GATEWAY_CHECKED_CONFIG_FD: file descriptor {fd} holds no config checked by gunicorn"]
+        ) from None
+    return load_config(path, env, text)
+
+
 # --- wiring --------------------------------------------------------------------
 
 
@@ -444,13 +483,18 @@ def _serving() -> bool:
 def init_app(app: Flask) -> bool:
     """Load the config into ``app.extensions``; return whether there is one.
 
-    The config is the file named by ``GATEWAY_CONFIG``. A broken config raises
-    ConfigError when the app is built to serve (gunicorn, flask run, Passenger):
-    it fails with the problem list rather than serve a part of it. For any other
-    ``flask`` command the error is kept for ``require``.
+    Under gunicorn it is the config the master last accepted, handed over
+    (``GATEWAY_CHECKED_CONFIG_FD``); otherwise the file named by ``GATEWAY_CONFIG``.
+    A broken config raises ConfigError when the app is built to serve (gunicorn,
+    flask run, Passenger): it fails with the problem list rather than serve a
+    part of it. For any other ``flask`` command the error is kept for ``require``.
     """
+    fd = app.config["GATEWAY_CHECKED_CONFIG_FD"]
     try:
-        config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
+        if fd is None:
+            config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
+        else:
+            config = _handed_over(int(fd))
     except ConfigError as exc:
         if _serving():
             raise
