@@ -341,6 +341,12 @@ ENVIRONMENT: tuple[Setting, ...] = (
         "gunicorn's control socket (for `gunicornc`); off when unset.",
     ),
     Setting(
+        "GATEWAY_CHECKED_CONFIG_FD",
+        "file descriptor",
+        "Set by gunicorn.conf.py, never by hand: the config its master checked, which every "
+        "worker builds from instead of reading the file.",
+    ),
+    Setting(
         "GATEWAY_EXPLAIN_KEY",
         "string",
         "The client key `flask explain` sends when `--key` is not given.",

@@ -13,6 +13,7 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 from werkzeug.test import Client
 
+from ..config.source import require
 from ..edge.routes import EXPLAIN
 
 __all__ = ["Explanation", "init_app"]
@@ -103,6 +104,7 @@ def explain(
     is sent upstream. Exits 0 if the request would be forwarded (or answered by
     the gateway itself), 1 if it would be refused.
     """
+    require(current_app, "flask explain")
     sent: list[tuple[str, str]] = []
     if key is not None:
         sent.append(("Authorization", f"Bearer {key}"))
