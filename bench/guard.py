@@ -150,12 +150,21 @@ SECRETS = ["Bearer bench-upstream-secret-placeholder", "bench-upstream-secret-pl
 
 
 def baseline_egress(ref: str) -> types.ModuleType:
-    """Return the egress module as it was at git ``ref`` (it imports only the stdlib)."""
-    for path in ("gateway/policy/egress.py", "gateway/egress.py"):
+    """Return the egress module as it was at git ``ref`` (it imports only the stdlib and,
+    since the secret forms moved beside it, ``secret_forms``)."""
+    package = f"egress_at_{ref}"
+    sys.modules[package] = types.ModuleType(package)
+    sys.modules[package].__path__ = []
+    for path in ("gateway/policy/secret_forms.py", "gateway/policy/egress.py", "gateway/egress.py"):
         shown = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True)
-        if shown.returncode == 0:
-            module = types.ModuleType(f"egress_at_{ref}")
-            exec(compile(shown.stdout, f"{ref}:{path}", "exec"), module.__dict__)
+        if shown.returncode != 0:
+            continue
+        name = path.rsplit("/", 1)[1].removesuffix(".py")
+        module = types.ModuleType(f"{package}.{name}")
+        module.__package__ = package
+        sys.modules[module.__name__] = module
+        exec(compile(shown.stdout, f"{ref}:{path}", "exec"), module.__dict__)
+        if name == "egress":
             return module
     raise SystemExit(f"{ref}: no gateway/policy/egress.py or gateway/egress.py there")
 

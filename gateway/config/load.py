@@ -14,7 +14,7 @@ from werkzeug.http import is_hop_by_hop_header
 
 from ..errors import ConfigError, PolicyError
 from ..policy.access import Client, Target
-from ..policy.egress import GuardedSecrets, guarded_variants
+from ..policy.secret_forms import GuardedSecrets, guarded_variants
 from ..policy.headers import check_header
 from ..policy.keys import KeyItem, key_digest
 from ..upstream import tls
