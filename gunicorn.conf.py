@@ -1,10 +1,13 @@
 # gunicorn settings for the gateway: `gunicorn -c gunicorn.conf.py wsgi:app`.
 #
 # Every value can be overridden from the environment (GATEWAY_*), or on the
-# command line, which wins over this file.
+# command line, which wins over this file. The variables' defaults are the
+# gateway's settings table (gateway/settings.py), read by path: the master
+# must not import the gateway itself (see the hooks below).
 
 import fcntl
 import glob
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -17,6 +20,27 @@ from collections import defaultdict
 
 import gunicorn.util
 
+
+def _settings_table():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gateway", "settings.py")
+    spec = importlib.util.spec_from_file_location("gateway_settings_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
+
+
+_TABLE = _settings_table()
+
+
+def _env(name, cast=str, fallback=None):
+    """Return GATEWAY_* variable ``name``, or its default from the settings table."""
+    value = os.environ.get(name)
+    if value is None:
+        value = _TABLE.default(name) if fallback is None else fallback
+    return cast(value)
+
+
 #
 # Server socket
 #
@@ -24,7 +48,7 @@ import gunicorn.util
 #   backlog - Connections the kernel queues while every worker is busy.
 #
 
-bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8787")
+bind = _env("GATEWAY_BIND")
 backlog = 2048
 
 #
@@ -44,13 +68,13 @@ backlog = 2048
 #   max_requests - Off: the gateway holds no per-request state to leak.
 #
 
-worker_class = os.environ.get("GATEWAY_WORKER_CLASS", "gevent")
-workers = int(os.environ.get("GATEWAY_WORKERS", multiprocessing.cpu_count()))
-worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", 1000))
-threads = int(os.environ.get("GATEWAY_THREADS", 1))  # used only by GATEWAY_WORKER_CLASS=gthread
-timeout = int(os.environ.get("GATEWAY_WORKER_TIMEOUT", 30))
-graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", 120))
-keepalive = int(os.environ.get("GATEWAY_KEEPALIVE", 5))
+worker_class = _env("GATEWAY_WORKER_CLASS")
+workers = _env("GATEWAY_WORKERS", int, multiprocessing.cpu_count())
+worker_connections = _env("GATEWAY_WORKER_CONNECTIONS", int)
+threads = _env("GATEWAY_THREADS", int)  # used only by GATEWAY_WORKER_CLASS=gthread
+timeout = _env("GATEWAY_WORKER_TIMEOUT", int)
+graceful_timeout = _env("GATEWAY_GRACEFUL_TIMEOUT", int)
+keepalive = _env("GATEWAY_KEEPALIVE", int)
 
 # The upstream connection pool of each worker is as large as its concurrency.
 raw_env = [f"GATEWAY_POOL_SIZE={max(worker_connections, threads)}"]
@@ -83,8 +107,8 @@ else:
 #
 
 accesslog = None
-errorlog = os.environ.get("GATEWAY_ERROR_LOG", "-")
-loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
+errorlog = _env("GATEWAY_ERROR_LOG")
+loglevel = _env("GATEWAY_LOG_LEVEL")
 
 
 class _QuietRequestText(logging.Filter):

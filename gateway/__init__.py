@@ -9,6 +9,7 @@ from typing import Any
 from flask import Flask
 
 from . import commands, config, edge, observe, spend, upstream
+from .settings import default
 
 __all__ = ["create_app"]
 
@@ -21,8 +22,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         GATEWAY_CHECKED_CONFIG_FD=None,  # set by gunicorn.conf.py: what its master accepted
         GATEWAY_ENV_FILE=Path(app.instance_path).parent / ".env",
         GATEWAY_ENVIRON=None,
-        GATEWAY_LOG_FORMAT="json",
-        UPSTREAM_POOL_SIZE=100,
+        GATEWAY_LOG_FORMAT=default("GATEWAY_LOG_FORMAT"),
+        UPSTREAM_POOL_SIZE=default("GATEWAY_POOL_SIZE"),
     )
     if test_config is None:
         for key in (

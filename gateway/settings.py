@@ -16,7 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONFIG", "ENVIRONMENT", "Setting", "default", "markdown_table", "setting"]
+__all__ = [
+    "CONFIG",
+    "ENVIRONMENT",
+    "GLOBAL",
+    "Setting",
+    "default",
+    "markdown_table",
+    "setting",
+]
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,12 @@ CONFIG: tuple[Setting, ...] = (
         "Secrets by name, each a string with `${VAR}` references to the environment or "
         "`.env`; a variable unset or a secret empty is an error.",
     ),
-    Setting("clients", "map", "The clients, by name (or, seed style, by plaintext key).", True),
+    Setting(
+        "clients",
+        "map",
+        "The clients, by name (or, seed style, by plaintext key).",
+        required=True,
+    ),
     Setting(
         f"{_CLIENT}.keys",
         "list of key items",
@@ -352,6 +365,10 @@ ENVIRONMENT: tuple[Setting, ...] = (
         "The client key `flask explain` sends when `--key` is not given.",
     ),
 )
+
+# The config's settings for the whole gateway that have a default (check-config shows
+# those a config changes).
+GLOBAL: tuple[Setting, ...] = tuple(s for s in CONFIG if "<" not in s.key and s.default is not None)
 
 _BY_KEY = {s.key: s for s in (*CONFIG, *ENVIRONMENT)}
 

@@ -35,7 +35,21 @@ def test_check_config_prints_a_summary(runner):
     assert "targets (1):" in result.output
     assert "clients (3):" in result.output
     assert "openai" in result.output
+    assert "not at their default):" in result.output
     assert_no_canary(result.output)
+
+
+def test_check_config_shows_the_settings_a_config_changes(runner, tmp_path):
+    raw = base_config()
+    raw.update(maxRequestBytes=2048, egressGuard=False, limits={"storage": "redis://127.0.0.1"})
+    result = runner.invoke(
+        args=["check-config", "--config", write_config(tmp_path / "c.yaml", raw)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "settings (3 not at their default):" in result.output
+    assert "  maxRequestBytes: 2048 (default 10485760)" in result.output
+    assert "  egressGuard: false (default true)" in result.output
+    assert "  limits.storage: redis://127.0.0.1 (default sqlite)" in result.output
 
 
 def test_check_config_lists_every_problem(runner, tmp_path):

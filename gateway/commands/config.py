@@ -19,6 +19,7 @@ from ..config.source import environment, hand_over, load_config, read_config
 from ..errors import ConfigError
 from ..policy.access import Client, Target
 from ..policy.keys import PREFIX, checksum_ok, is_key_item, key_digest, key_item, new_key
+from ..settings import GLOBAL
 from ..upstream import tls
 
 __all__ = ["init_app"]
@@ -79,6 +80,10 @@ def _probe(config: GatewayConfig, timeout: float) -> tuple[list[str], int]:
     return [f"probe: TLS handshake with each https target ({failed} failed):", *lines], failed
 
 
+def _shown(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _summary(path: str, config: GatewayConfig, now: datetime) -> list[str]:
     lines = [f"{path}: OK"]
     lines.append(f"targets ({len(config.targets)}):")
@@ -86,6 +91,12 @@ def _summary(path: str, config: GatewayConfig, now: datetime) -> list[str]:
     lines.append(f"secrets ({len(config.secret_names)}), all resolved:")
     lines += [f"  {name}" for name in config.secret_names]
     lines.append(f"clients ({len(config.clients)}):")
+    changed = [known for known in GLOBAL if config.settings[known.key] != known.default]
+    lines.append(f"settings ({len(changed)} not at their default):")
+    lines += [
+        f"  {known.key}: {_shown(config.settings[known.key])} (default {_shown(known.default)})"
+        for known in changed
+    ]
     warnings = []
     for client in config.clients:
         methods = ", ".join(sorted(client.methods))

@@ -14,18 +14,16 @@ from werkzeug.http import is_hop_by_hop_header
 
 from ..errors import ConfigError, PolicyError
 from ..policy.access import Client, Target
-from ..policy.secret_forms import GuardedSecrets, guarded_variants
 from ..policy.headers import check_header
 from ..policy.keys import KeyItem, key_digest
+from ..policy.secret_forms import GuardedSecrets, guarded_variants
+from ..settings import GLOBAL, default
 from ..upstream import tls
 from .clients import build_clients, client_labels, limit_set
 from .schema import checked_part
 
 __all__ = ["SECRET_VARIABLE", "GatewayConfig", "parse_config"]
 
-DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
-# Below the 5 s keep-alive timeout of uvicorn, Node and many load balancers' backends.
-DEFAULT_UPSTREAM_IDLE_MS = 4_000
 # A `${VAR}` reference in a secret.
 SECRET_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -39,17 +37,19 @@ class GatewayConfig:
     keys: Mapping[bytes, tuple[Client, KeyItem]] = field(repr=False)
     secret_names: tuple[str, ...]
     max_request_bytes: int
-    body_timeout: float = 30.0
-    write_timeout: float = 60.0
+    body_timeout: float = default("bodyTimeoutMs") / 1000
+    write_timeout: float = default("writeTimeoutMs") / 1000
     guarded: GuardedSecrets | None = field(default=None, repr=False)  # what the egress guard blocks
     # Every client's allowedOrigins together: one set lookup per browser request.
     origins: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = ()
-    limit_storage: str = "sqlite"  # where limit counters live (spend.store.open_store)
-    fail_open: bool = False  # let limited calls through when the storage is unreachable
-    upstream_idle: float = DEFAULT_UPSTREAM_IDLE_MS / 1000
-    trusted_proxies: int = 0  # X-Forwarded-For hops believed for the client's address
+    limit_storage: str = default("limits.storage")  # where counts live (spend.store)
+    fail_open: bool = default("limits.failOpen")  # admit uncounted when storage is down
+    upstream_idle: float = default("upstreamIdleMs") / 1000
+    trusted_proxies: int = default("trustedProxies")  # X-Forwarded-For hops believed
     metrics_token: str | None = field(default=None, repr=False)  # None: no /metrics
+    # Each GLOBAL setting's value as the config has it (its default if not written).
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
         """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
@@ -155,6 +155,14 @@ def _check_storage(url: str, problems: list[str]) -> None:
     )
 
 
+def _value(data: Mapping[str, Any], key: str) -> Any:
+    """Return the top-level setting ``key`` (dotted below a section) or its table default."""
+    *sections, name = key.split(".")
+    for section in sections:
+        data = data.get(section, {})
+    return data.get(name, default(key))
+
+
 def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None) -> GatewayConfig:
     """Validate ``raw`` (the parsed YAML) and resolve secrets from ``env``.
 
@@ -197,7 +205,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
             tuple(defaults.items()),
             **tls_files,
             limits=limit_set(spec.get("limits", {})),
-            inject_usage=spec.get("injectUsage", True),
+            inject_usage=spec.get("injectUsage", default("targets.<name>.injectUsage")),
         )
 
     secrets = {
@@ -209,7 +217,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
     guarded = [value for value in secrets.values() if value is not None]
     for raw_value in data.get("secrets", {}).values():
         guarded += [env[var] for var in SECRET_VARIABLE.findall(raw_value) if var in env]
-    storage = data.get("limits", {}).get("storage", "sqlite")
+    storage = _value(data, "limits.storage")
     _check_storage(storage, problems)
     clients, keys = build_clients(
         clients_raw if isinstance(clients_raw, dict) else {},
@@ -228,16 +236,17 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         keys=keys,
         origins=frozenset(origin for client in clients for origin in client.origins),
         secret_names=tuple(secrets),
-        max_request_bytes=data.get("maxRequestBytes", DEFAULT_MAX_REQUEST_BYTES),
-        body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
-        write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
-        guarded=guarded_variants(guarded) if data.get("egressGuard", True) else None,
+        max_request_bytes=_value(data, "maxRequestBytes"),
+        body_timeout=_value(data, "bodyTimeoutMs") / 1000,
+        write_timeout=_value(data, "writeTimeoutMs") / 1000,
+        guarded=guarded_variants(guarded) if _value(data, "egressGuard") else None,
         warnings=tuple(warnings),
         limit_storage=storage,
-        fail_open=data.get("limits", {}).get("failOpen", False),
-        upstream_idle=data.get("upstreamIdleMs", DEFAULT_UPSTREAM_IDLE_MS) / 1000,
-        trusted_proxies=data.get("trustedProxies", 0),
+        fail_open=_value(data, "limits.failOpen"),
+        upstream_idle=_value(data, "upstreamIdleMs") / 1000,
+        trusted_proxies=_value(data, "trustedProxies"),
         metrics_token=metrics_token,
+        settings={known.key: _value(data, known.key) for known in GLOBAL},
     )
 
 
