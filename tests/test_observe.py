@@ -244,6 +244,19 @@ def test_usage_filled_in_by_a_pipeline_stage_is_logged_and_counted():
     assert registry.get_sample_value("gateway_tokens_total", {**labels, "kind": "input"}) == 12
 
 
+def test_the_model_label_holds_at_most_max_models_names_and_other():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_models=3)
+    observers = Observers(finished=[metrics.finished])
+    for i in range(10):
+        record = Record(f"r{i}", "1.2.3.4", "POST", observers, client="c", target="api")
+        record.model, record.input_tokens, record.status = f"model-{i % 5}", 1, 200
+        record.finish()
+    samples = [s for f in registry.collect() if f.name == "gateway_tokens" for s in f.samples]
+    models = {s.labels["model"]: s.value for s in samples if s.name == "gateway_tokens_total"}
+    assert models == {"model-0": 2, "model-1": 2, "model-2": 2, "other": 4}
+
+
 # --- client address -------------------------------------------------------------
 
 

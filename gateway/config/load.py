@@ -54,6 +54,7 @@ class GatewayConfig:
     upstream_idle: float = DEFAULT_UPSTREAM_IDLE_MS / 1000
     trusted_proxies: int = 0  # X-Forwarded-For hops believed for the client's address
     metrics_token: str | None = field(default=None, repr=False)  # None: no /metrics
+    max_model_labels: int = 100  # distinct model label values per worker (metrics.maxModelLabels)
 
     def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
         """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
@@ -242,6 +243,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         upstream_idle=data.get("upstreamIdleMs", DEFAULT_UPSTREAM_IDLE_MS) / 1000,
         trusted_proxies=data.get("trustedProxies", 0),
         metrics_token=metrics_token,
+        max_model_labels=(data.get("metrics") or {}).get("maxModelLabels", 100),
     )
 
 

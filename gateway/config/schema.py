@@ -163,6 +163,7 @@ class ClientSchema(Schema):
 
 class MetricsSchema(Schema):
     tokenRef = fields.String(required=True, error_messages=_REQUIRED)
+    maxModelLabels = fields.Integer(strict=True, validate=validate.Range(0, 100_000))
 
 
 class ConfigSchema(Schema):
