@@ -57,7 +57,7 @@ class Admission:
             kinds = " and ".join(sorted(self.meter.distrusted))
             log.warning(
                 "%s: the upstream reported %s usage that is not a whole number from 0 to 2**53; "
-                "the reservation stays charged",
+                "its call keeps the whole reservation (if any)",
                 self.client.label,
                 kinds,
             )
