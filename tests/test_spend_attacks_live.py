@@ -194,10 +194,17 @@ def _clear_budget(gateway) -> None:
     if hasattr(gateway, "redis"):
         for key in gateway.redis.scan_iter("tok:client:n*"):
             gateway.redis.delete(key)
-    elif gateway.db.exists():
+    elif _has_counters(gateway):
         with sqlite3.connect(gateway.db) as db:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
-                db.execute("DELETE FROM counters WHERE key LIKE 'tok:client:n%'")
+            db.execute("DELETE FROM counters WHERE key LIKE 'tok:client:n%'")
+
+
+def _has_counters(gateway) -> bool:
+    """Return whether the gateway has made its SQLite tables yet (at its first LLM call)."""
+    if not gateway.db.exists():
+        return False
+    with sqlite3.connect(gateway.db) as db:
+        return bool(db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone())
 
 
 @pytest.mark.parametrize("count", [{"n": 0}, {"n": 129}, {"best_of": "5"}, {"N": 20}])
@@ -308,6 +315,8 @@ def _spent(gateway) -> int:
             int(gateway.redis.hget(key, "used") or 0)
             for key in gateway.redis.scan_iter("tok:client:odd*")
         )
+    if not _has_counters(gateway):
+        return 0
     with sqlite3.connect(gateway.db) as db:
         (used,) = db.execute(
             "SELECT COALESCE(SUM(used), 0) FROM counters WHERE key LIKE 'tok:client:odd%'"
