@@ -150,6 +150,13 @@ gunicorn.util.write_error = _json_error
 #       before a reload (on_reload runs after the new config is read, and new
 #       workers would boot on the broken file), so on_starting wraps the
 #       master's reload.
+#   Hand-over - Workers never read the config file. The check writes the text
+#       it accepted and the environment values it resolved to an unlinked
+#       temporary file; the master keeps it open and names its descriptor in
+#       GATEWAY_CHECKED_CONFIG_FD, and every worker it forks builds from it.
+#       So a worker that boots later (a crash, max_requests, a reload) serves
+#       the config the master last accepted, whatever the file holds now:
+#       edited, broken or deleted. A refused reload keeps the old one.
 #   Metrics - prometheus_client's multiprocess mode: each worker writes its
 #       counts to files in PROMETHEUS_MULTIPROC_DIR (a new temporary folder, or
 #       the one named, emptied) and a scrape of /metrics sums them. child_exit
@@ -163,10 +170,12 @@ gunicorn.util.write_error = _json_error
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 _CHECK = [sys.executable, "-m", "flask", "--app", "gateway", "check-config"]
+_HANDED_OVER = "GATEWAY_CHECKED_CONFIG_FD"
 
 
 def on_starting(server):
-    if subprocess.run(_CHECK, cwd=_ROOT, stdout=sys.stderr).returncode:
+    server.gateway_checked_fd = None
+    if _check(server, stdout=sys.stderr).returncode:
         print("gateway: not starting until the config is fixed", file=sys.stderr)
         sys.exit(1)
     _fresh_metrics_folder(server)
@@ -174,9 +183,31 @@ def on_starting(server):
     server.reload = lambda: _checked_reload(server, reload)
 
 
+def _check(server, **run):
+    """Check the config file as it is now; if it passes, hand what was checked to new workers."""
+    fd, path = tempfile.mkstemp(prefix="gateway-config-")
+    os.unlink(path)  # nobody can edit or delete it now; it lives while a process holds it open
+    env = {k: v for k, v in os.environ.items() if k != _HANDED_OVER}  # the check reads the file
+    accepted = False
+    try:
+        check = subprocess.run(
+            [*_CHECK, "--hand-over", str(fd)], cwd=_ROOT, env=env, pass_fds=(fd,), **run
+        )
+        accepted = check.returncode == 0
+    finally:
+        if not accepted:
+            os.close(fd)
+    if accepted:
+        if server.gateway_checked_fd is not None:
+            os.close(server.gateway_checked_fd)  # workers built from it keep their own copy
+        server.gateway_checked_fd = fd
+        os.environ[_HANDED_OVER] = str(fd)  # forked workers inherit the variable and the file
+    return check
+
+
 def _checked_reload(server, reload):
     try:
-        check = subprocess.run(_CHECK, cwd=_ROOT, capture_output=True, text=True, timeout=120)
+        check = _check(server, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         check = subprocess.CompletedProcess(_CHECK, 1, "", "the config check took over 120 s\n")
     if check.returncode:

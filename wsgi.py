@@ -8,6 +8,6 @@ try:
     app = application = create_app()
 except ConfigError as exc:
     # Passenger and mod_wsgi would show their own HTML error page for an import
-    # error: answer in the gateway's JSON shape instead. gunicorn checks the config
-    # before it starts (gunicorn.conf.py) and never serves this at start.
+    # error: answer in the gateway's JSON shape instead. gunicorn's workers build
+    # from the config their master checked and handed over (gunicorn.conf.py).
     app = application = config_invalid_app(exc.problems)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.commands.config import _summary
-from gateway.config.load import load_config
+from gateway.config.source import load_config
 
 ENV = {"OPENROUTER_API_KEY": "placeholder", "RAPIDAPI_KEY": "placeholder"}
 

@@ -1,20 +1,31 @@
 """What the egress guard costs: the gateway with it on and off, side by side.
 
     .venv/bin/python -m bench.guard [--runs 5] [--duration 5] [--big-mb 100]
+    .venv/bin/python -m bench.guard --baseline REF [--cpu-only] [--runs 9]
 
 Starts the bench upstream and two gateways (``egressGuard`` on, the default, and
 off), measures them interleaved with wrk (both modes) and with one 100 MB body
 each, and prints a Markdown section for BENCHMARKS.md.
+
+``--baseline REF`` also times the guard's own CPU work per answer against the
+guard as it was at git ``REF`` (its egress module loaded from that commit), run
+by run interleaved, on a small JSON answer, 1 MB bodies and a stream of small
+chunks; ``--cpu-only`` skips the gateways and wrk.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import statistics
+import subprocess
 import sys
 import time
+import types
+from collections.abc import Callable
 
+from gateway.policy import egress
 from gateway.policy.egress import guard_headers, guarded_variants, scan_body
 
 from .__main__ import MB, Bench, System, free_port, run_client, wrk
@@ -27,8 +38,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--big-mb", type=int, default=100)
+    parser.add_argument("--baseline", metavar="REF", help="compare the guard's CPU time with REF")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the gateways and wrk")
     args = parser.parse_args()
 
+    if args.baseline:
+        print(compare(baseline_egress(args.baseline), args.baseline, args.runs))
+    if args.cpu_only:
+        return
     cpu = scan_cost(args.big_mb)
     bench = Bench(args)
     on_config = bench.write_config("config-on.yaml", bench.upstream)
@@ -127,6 +144,88 @@ def scan_cost(megabytes: int) -> dict[str, float]:
                 pass
 
     return {"plain_ms": plain * 1000, "gzip_ms": gz * 1000, "small_us": timed(many_small) * 100}
+
+
+SECRETS = ["Bearer bench-upstream-secret-placeholder", "bench-upstream-secret-placeholder"]
+
+
+def baseline_egress(ref: str) -> types.ModuleType:
+    """Return the egress module as it was at git ``ref`` (it imports only the stdlib and,
+    since the secret forms moved beside it, ``secret_forms``)."""
+    package = f"egress_at_{ref}"
+    sys.modules[package] = types.ModuleType(package)
+    sys.modules[package].__path__ = []
+    for path in ("gateway/policy/secret_forms.py", "gateway/policy/egress.py", "gateway/egress.py"):
+        shown = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True)
+        if shown.returncode != 0:
+            continue
+        name = path.rsplit("/", 1)[1].removesuffix(".py")
+        module = types.ModuleType(f"{package}.{name}")
+        module.__package__ = package
+        sys.modules[module.__name__] = module
+        exec(compile(shown.stdout, f"{ref}:{path}", "exec"), module.__dict__)
+        if name == "egress":
+            return module
+    raise SystemExit(f"{ref}: no gateway/policy/egress.py or gateway/egress.py there")
+
+
+def answers(guard: types.ModuleType) -> dict[str, tuple[Callable[[], object], int]]:
+    """Return the guard's whole work on one answer of each kind, and how often to repeat it."""
+    secrets = guard.guarded_variants(SECRETS)
+    headers = [("Content-Type", "application/json"), ("X-Request-Id", "req-1")] * 5
+    small = b'{"object": "list", "data": [{"id": "model-1"}]}'
+    binary = [bytes(range(256)) * 256] * 16  # every byte value: % and \\ each 1 in 256
+    text = 'Line one\nline two with "quotes", a path /a/b and 50%25 off. ' * 1200
+    escaped = json.dumps({"content": text}).encode()  # a \\ every 25 bytes
+    escaped = [escaped[i : i + 65536] for i in range(0, MB, 65536)]
+    prose = [(b"The quick brown fox jumps over the lazy dog. " * 1500)[:65536]] * 16
+    event = b'data: {"choices":[{"delta":{"content":"hello wor"}}]}\n\n'
+    stream = [event] * 1000
+
+    def answer(chunks: list[bytes]) -> Callable[[], object]:
+        def work() -> None:
+            guard.guard_headers(headers, secrets)
+            for _piece in guard.scan_body(iter(chunks), secrets, None):
+                pass
+
+        return work
+
+    return {
+        "small JSON answer (10 headers, 47-byte body)": (answer([small]), 20_000),
+        "1 MB text without % or \\, 64 KiB chunks": (answer(prose), 20),
+        "1 MB binary body, 64 KiB chunks": (answer(binary), 20),
+        "1 MB JSON text with escapes, 64 KiB chunks": (answer(escaped), 20),
+        "stream of 1,000 SSE chunks (58 bytes each)": (answer(stream), 20),
+    }
+
+
+def compare(baseline: types.ModuleType, ref: str, runs: int) -> str:
+    """Time each answer with the baseline guard and this one, interleaved; a Markdown table."""
+    before, after = answers(baseline), answers(egress)
+    times: dict[str, dict[str, list[float]]] = {name: {"before": [], "after": []} for name in after}
+    for _ in range(runs):
+        for name in after:
+            for label, guard in (("before", before), ("after", after)):
+                work, repeat = guard[name]
+                started = time.process_time()
+                for _ in range(repeat):
+                    work()
+                times[name][label].append((time.process_time() - started) / repeat * 1e6)
+    med = statistics.median
+    lines = [
+        f"The guard's CPU time per answer, at `{ref}` (before) and now (after): "
+        f"`python -m bench.guard --baseline {ref} --cpu-only --runs {runs}`, "
+        "interleaved run by run; medians.",
+        "",
+        "| answer | before µs | after µs | after / before (median of per-run ratios) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, spent in times.items():
+        ratio = med(a / b for a, b in zip(spent["after"], spent["before"], strict=True))
+        lines.append(
+            f"| {name} | {med(spent['before']):,.1f} | {med(spent['after']):,.1f} | {ratio:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,19 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True, static_folder=None)
     app.config.from_mapping(
         GATEWAY_CONFIG=os.path.join(app.instance_path, "config.yaml"),
+        GATEWAY_CHECKED_CONFIG_FD=None,  # set by gunicorn.conf.py: what its master accepted
         GATEWAY_ENV_FILE=Path(app.instance_path).parent / ".env",
         GATEWAY_ENVIRON=None,
         GATEWAY_LOG_FORMAT="json",
         UPSTREAM_POOL_SIZE=100,
     )
     if test_config is None:
-        for key in ("GATEWAY_CONFIG", "GATEWAY_ENV_FILE", "GATEWAY_LOG_FORMAT"):
+        for key in (
+            "GATEWAY_CONFIG",
+            "GATEWAY_CHECKED_CONFIG_FD",
+            "GATEWAY_ENV_FILE",
+            "GATEWAY_LOG_FORMAT",
+        ):
             if key in os.environ:
                 app.config[key] = os.environ[key]
         if "GATEWAY_POOL_SIZE" in os.environ:
@@ -33,10 +39,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
 
     edge.errors.init_app(app)  # first: a config that cannot load is still logged
-    config.init_app(app)  # then every part below reads the config
+    commands.init_app(app)
+    if not config.init_app(app):
+        return app  # a flask command with no usable config: the commands, nothing to serve
     observe.init_app(app)
     upstream.init_app(app)
     spend.init_app(app)
-    commands.init_app(app)
     edge.init_app(app)
     return app

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 GZIP_TEXT = ("The quick brown fox jumps over the lazy dog. " * 2000).encode()
 PATTERN = bytes(range(256)) * 256  # 64 KiB of every byte value
@@ -157,6 +157,22 @@ class Handler(BaseHTTPRequestHandler):
     def route_leak_json_escaped(self) -> None:
         # A JSON encoder that escapes "/" (as PHP's does) writes the key with "\/".
         data = b'{"key": "' + self._received_secret().replace(b"/", b"\\/") + b'"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def route_leak_encoded(self) -> None:
+        """The secret written back URL-encoded (in a redirect URL) or as JSON \\u escapes."""
+        secret = self._received_secret().decode()
+        form = self.query.get("form", "url")
+        if form == "json-u":
+            value = "".join(f"\\u{ord(char):04x}" for char in secret)
+        else:
+            value = "https://app.test/cb?token=" + quote(secret, safe="")
+            value = value.lower() if form == "url-lower" else value
+        data = ('{"next": "' + value + '"}').encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

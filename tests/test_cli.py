@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -86,7 +87,6 @@ def test_flask_cli_accepts_a_valid_config(tmp_path):
     "args",
     [
         ("-m", "flask", "--app", "gateway", "run", "--port", "0"),
-        ("-m", "flask", "--app", "gateway", "routes"),
         # wsgi.py itself answers 503 config_invalid instead (tests/test_deploy_wsgi.py).
         ("-c", "from gateway import create_app; create_app()"),
     ],
@@ -106,6 +106,102 @@ def test_create_app_raises_the_problems(tmp_path):
     with pytest.raises(ConfigError) as info:
         create_app({"GATEWAY_CONFIG": str(path), "GATEWAY_ENVIRON": {}})
     assert info.value.problems == [f"{path}: bogus: unknown field"]
+
+
+# --- the flask CLI on a fresh checkout: no config, or a broken one ---------------
+
+
+@pytest.fixture(params=["missing", "broken"])
+def checkout(request, tmp_path):
+    """A copy of the project whose own config is missing or broken, as the CLI finds it."""
+    shutil.copytree(ROOT / "gateway", tmp_path / "gateway", ignore=shutil.ignore_patterns("__py*"))
+    if request.param == "broken":
+        (tmp_path / "instance").mkdir()
+        (tmp_path / "instance" / "config.yaml").write_text("targets: {}\nclients: {}\nbogus: 1\n")
+    return tmp_path
+
+
+def _fresh(checkout: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``flask --app gateway ARGS`` in ``checkout``, with no GATEWAY_* variable set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "gateway", *args],
+        cwd=checkout,
+        env={**env, **CANARIES},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_help_lists_the_gateway_commands_without_a_usable_config(checkout):
+    result = _fresh(checkout, "--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("check-config", "explain", "keys", "usage"):
+        assert re.search(rf"^  {command} ", result.stdout, re.MULTILINE), result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_keys_work_without_a_usable_config(checkout):
+    made = _fresh(checkout, "keys", "new", "chat-app")
+    assert made.returncode == 0, made.stderr
+    key = re.search(KEY_PATTERN, made.stdout).group(0)
+    hashed = _fresh(checkout, "keys", "hash", stdin=key + "\n")
+    assert hashed.returncode == 0, hashed.stderr
+    assert hashed.stdout.strip() == key_item(key)
+    assert f"  - {key_item(key)}" in made.stdout
+
+
+def test_check_config_checks_the_file_named_alone(checkout, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other")
+    good = _fresh(
+        checkout, "check-config", "--config", write_config(folder / "ok.yaml", base_config())
+    )
+    assert good.returncode == 0, good.stderr
+    assert "ok.yaml: OK" in good.stdout
+    assert "instance" not in good.stdout + good.stderr  # nothing about the default file
+    (folder / "bad.yaml").write_text("targets: {}\nclients: {k: {target: x}}\n")
+    bad = _fresh(checkout, "check-config", "--config", str(folder / "bad.yaml"))
+    assert bad.returncode == 1
+    assert "bad.yaml: clients.client#1.target: unknown target 'x'" in bad.stderr
+    assert "instance" not in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_check_config_without_config_checks_the_default_file(checkout):
+    result = _fresh(checkout, "check-config")
+    assert result.returncode == 1
+    default = checkout / "instance" / "config.yaml"
+    assert f"{default}: " in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (("explain", "GET", "/proxy/models"), "flask explain"),
+        (("usage",), "flask usage"),
+    ],
+)
+def test_commands_that_need_the_config_say_which_file_and_why(checkout, args, command):
+    result = _fresh(checkout, *args)
+    assert result.returncode == 1
+    default = checkout / "instance" / "config.yaml"
+    said = result.stderr
+    assert f"Error: {command} needs the gateway config, and {default} could not be loaded" in said
+    if default.exists():
+        assert f"{default}: bogus: unknown field" in said
+    else:
+        assert f"{default}: file not found" in said
+    assert "Traceback" not in result.stdout + said
+
+
+def test_flask_run_still_refuses_without_a_usable_config(checkout):
+    result = _fresh(checkout, "run", "--port", "0")
+    assert result.returncode == 1
+    assert f"{checkout / 'instance' / 'config.yaml'}: " in result.stderr
+    assert "Running on" not in result.stdout + result.stderr
 
 
 # --- flask keys, and what check-config says about keys ----------------------------

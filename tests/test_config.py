@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from datetime import UTC, datetime
 
 import pytest
@@ -10,10 +12,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config.load import load_config, parse_config
+from gateway import create_app
+from gateway.config.load import parse_config
+from gateway.config.source import hand_over, load_config, read_config
 from gateway.errors import ConfigError, PolicyError
 
-from .support import CANARIES, CHAT_KEY, base_config
+from .support import CANARIES, CHAT_KEY, base_config, write_config
 
 
 def problems_of(raw, env=None) -> list[str]:
@@ -393,3 +397,33 @@ def test_yaml_errors_keep_both_marks(tmp_path):
     (problem,) = info.value.problems
     assert problem.startswith(f"{path}:2:")
     assert "(while parsing a flow mapping at line 2, column 8)" in problem
+
+
+# --- the hand-over from the gunicorn master (live: tests/test_live_observe.py) ------
+
+
+def test_a_handed_over_config_is_built_without_the_file_and_carries_only_its_variables(
+    tmp_path,
+):
+    path = write_config(tmp_path / "config.yaml", base_config())
+    env = {**CANARIES, "UNRELATED_SECRET": "not-for-the-workers"}
+    bundle = hand_over(path, read_config(path), env)
+    assert b"not-for-the-workers" not in bundle
+    os.remove(path)
+    with tempfile.TemporaryFile() as handed:
+        handed.write(bundle)
+        handed.flush()
+        app = create_app(
+            {"GATEWAY_CONFIG": path, "GATEWAY_CHECKED_CONFIG_FD": str(handed.fileno())}
+        )
+    config = app.extensions["gateway.config"]
+    assert config.client_for(CHAT_KEY, datetime.now(UTC))[0].label == "client#1"
+
+
+def test_a_descriptor_without_a_handed_over_config_is_refused():
+    with tempfile.TemporaryFile() as handed, pytest.raises(ConfigError) as caught:
+        fd = handed.fileno()
+        create_app({"GATEWAY_CHECKED_CONFIG_FD": str(fd)})
+    assert caught.value.problems == [
+        f"GATEWAY_CHECKED_CONFIG_FD: file descriptor {fd} holds no config checked by gunicorn"
+    ]

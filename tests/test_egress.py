@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import gzip
+import json
 import time
 import zlib
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, quote_plus
 
 import pytest
 import requests
 
-from gateway.policy.egress import SecretInResponse, guard_headers, guarded_variants, scan_body
+from gateway.policy.egress import (
+    SecretInResponse,
+    SecretScanner,
+    guard_headers,
+    guarded_variants,
+    scan_body,
+)
 
 from .support import AUTH, BROWSER_KEY, CANARIES, RAPID_KEY, UPSTREAM, assert_no_canary
 
+# A pass phrase with what URL and JSON encoders rewrite: spaces, "+", "/", "=", non-ASCII.
+PHRASE = "open sesame+42/x=y é€😀"
 SECRETS = guarded_variants(
-    ["Bearer sk-canary-openai-3f9a1c", "sk-canary-openai-3f9a1c", "a/b/c/d/e/f"]
+    ["Bearer sk-canary-openai-3f9a1c", "sk-canary-openai-3f9a1c", "a/b/c/d/e/f", PHRASE]
 )
 SECRET = b"sk-canary-openai-3f9a1c"
 
@@ -98,8 +107,115 @@ def test_the_json_escaped_form_of_a_secret_is_found():
     assert _run([b'{"k": "a\\/b\\/c\\/d\\/e\\/f"}'])[1]
 
 
+# --- the secret written back in another form -----------------------------------
+
+
+def _percent(text: str, hexcase=str.upper) -> str:
+    """Every byte of ``text`` as %XX."""
+    return "".join(hexcase(f"%{byte:02x}") for byte in text.encode())
+
+
+def _json_u(text: str, hexcase=str.upper) -> str:
+    """Every character of ``text`` as a JSON \\uXXXX escape (a surrogate pair past U+FFFF)."""
+    units = text.encode("utf-16-be")
+    return "".join("\\u" + hexcase(units[i : i + 2].hex()) for i in range(0, len(units), 2))
+
+
+def _mixed(text: str) -> str:
+    """Character by character: as it is, %xx, \\uXXXX, %XX, \\uxxxx, in turn."""
+    forms = [
+        lambda c: c,
+        lambda c: _percent(c, str.lower),
+        _json_u,
+        _percent,
+        lambda c: _json_u(c, str.lower),
+    ]
+    return "".join(forms[i % len(forms)](char) for i, char in enumerate(text))
+
+
+ENCODED = {
+    "url quote_plus": quote_plus(PHRASE),  # "+" for a space, %2B %2F %3D
+    "url quote_plus lower hex": quote_plus(PHRASE).replace("%2B", "%2b").replace("%2F", "%2f"),
+    "url quote": quote(PHRASE, safe=""),  # %20 for a space
+    "url every byte upper": _percent(PHRASE),
+    "url every byte lower": _percent(PHRASE, str.lower),
+    "json ensure_ascii": json.dumps(PHRASE)[1:-1],  # \\u00e9 \\u20ac \\ud83d\\ude00
+    "json every char upper": _json_u(PHRASE),
+    "json every char lower": _json_u(PHRASE, str.lower),
+    "json some chars": "sk-canary-openai-3f9a1c".replace("-", "\\u002D").replace("s", "\\u0073"),
+    "json slash escape": PHRASE.replace("/", "\\/"),
+    "mixed per char": _mixed(PHRASE),
+    "url inside json, %": quote(PHRASE, safe="").replace("%", "\\u0025"),
+    "url inside json, +": quote_plus(PHRASE).replace("+", "\\u002B"),
+    "url of a key": _percent("sk-canary-openai-3f9a1c", str.lower),
+}
+ENCODED_IDS = list(ENCODED)
+
+
+@pytest.mark.parametrize("form", ENCODED_IDS)
+def test_a_secret_in_another_form_is_found(form):
+    encoded = ENCODED[form].encode()
+    assert _run([b'{"next": "https://app.test/cb?token=' + encoded + b'"}']) == (b"", True)
+
+
+@pytest.mark.parametrize("form", ENCODED_IDS)
+def test_a_secret_in_another_form_is_found_split_at_every_offset(form):
+    encoded = ENCODED[form].encode()
+    for cut in range(1, len(encoded)):
+        sent, was_cut = _run([b"data: ok\n\n", b"data: " + encoded[:cut], encoded[cut:] + b"\n\n"])
+        assert was_cut, cut
+        assert sent == b"data: ok\n\ndata: ", cut  # nothing of the secret was sent
+
+
+@pytest.mark.parametrize("form", ["url quote_plus", "json every char lower", "mixed per char"])
+def test_a_secret_in_another_form_is_found_in_one_byte_chunks_and_gzip(form):
+    body = b"xx " + ENCODED[form].encode() + b" yy"
+    sent, was_cut = _run([body[i : i + 1] for i in range(len(body))])
+    assert was_cut and sent == b"xx "
+    packed = gzip.compress(b"hello " * 5000 + body)
+    assert _run([packed[i : i + 100] for i in range(0, len(packed), 100)], "gzip")[1]
+
+
+@pytest.mark.parametrize("form", ["url quote", "url every byte lower", "json every char upper"])
+def test_a_redirect_carrying_a_secret_in_another_form_is_dropped(form):
+    location = "https://app.test/cb?state=1&token=" + ENCODED[form]
+    kept, dropped = guard_headers([("Location", location), ("X-Ok", "1")], SECRETS)
+    assert kept == [("X-Ok", "1")] and dropped == ["Location"]
+
+
+def test_a_long_secret_is_found_split_anywhere_with_a_bounded_tail():
+    secret = "k/" * 60  # longer than the start pattern spells out
+    secrets = guarded_variants([secret])
+    encoded = quote(secret, safe="").encode()
+    for cut in range(1, len(encoded)):
+        sent = b""
+        with pytest.raises(SecretInResponse):
+            for piece in scan_body(iter([b"x ", encoded[:cut], encoded[cut:]]), secrets, None):
+                sent += piece
+        assert sent == b"x ", cut
+    scanner = SecretScanner(secrets)
+    for _ in range(100):
+        assert scanner.feed(encoded[:-1]) < secrets.longest  # the longest a secret can be written
+
+
+def test_escapes_of_other_text_pass_whole_and_at_once():
+    body = [
+        b'data: {"q": "a%2Fb+c%3D\\u0041\\u00e9\\n\\/\\"", "open": "%6Fpen"}\n\n',
+        b"data: open+sesame%2B42%2Fx%3D\n\n",  # the phrase's start, then not its end
+        b"data: \\u006f\\u0070\\u0065\\u006e\n\n",
+    ]
+    stream = scan_body(iter(body), SECRETS, None)
+    assert [next(stream) for _ in body] == body  # each event passed on before the next is read
+
+
+def test_the_tail_held_back_is_only_what_could_begin_a_secret():
+    stream = scan_body(iter([b"data: 1\n\nopen+ses", b"ame"]), SECRETS, None)
+    assert next(stream) == b"data: 1\n\n"
+    assert next(stream) == b"open+sesame"
+
+
 def test_short_values_are_not_guarded():
-    assert guarded_variants(["1234567", "true"]) == ()
+    assert not guarded_variants(["1234567", "true"])
 
 
 def test_headers_holding_a_secret_are_dropped_and_named():
@@ -136,6 +252,7 @@ def test_with_the_guard_off_the_answer_passes(tmp_path, config_dict, upstream):
 # --- the real gateway, both modes ---------------------------------------------------
 
 RAPID = {"X-Api-Key": RAPID_KEY}
+RAPID_SECRET = CANARIES["CANARY_RAPID"]  # "canary-rapid/77d0e2": URL-encoded, "/" is %2F
 
 
 def _call(gateway, mode: str, route: str, headers=AUTH, **kwargs):
@@ -179,6 +296,17 @@ def test_a_secret_in_the_first_bytes_gets_502_and_nothing_of_the_body(
     assert response.status_code == 502, response.text
     assert response.json()["error"] == "secret_in_response"
     assert "X-Fake-Upstream" not in response.headers
+    assert_no_canary(response.content)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", ["url", "url-lower", "json-u"])
+def test_a_secret_written_back_in_another_form_gets_502_and_nothing_of_it(gateway, mode, form):
+    response = _call(gateway, mode, f"/anything/leak-encoded?form={form}", headers=RAPID)
+    assert response.status_code == 502, response.text
+    assert response.json()["error"] == "secret_in_response"
+    for encoded in (quote(RAPID_SECRET, safe=""), "canary", "\\u0063", "\\u0072"):
+        assert encoded.lower() not in response.text.lower()
     assert_no_canary(response.content)
 
 

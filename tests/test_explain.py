@@ -9,9 +9,12 @@ import pytest
 import responses
 from werkzeug.test import Client
 
+from gateway.commands import explain as explain_command
+
 from .support import CANARIES, CHAT_KEY, NAMED_KEY, RAPID_KEY, READONLY_KEY, UPSTREAM, named_client
 
 APP_ORIGIN = "https://app.example.com"
+NAMED_AUTH = {"Authorization": f"Bearer {NAMED_KEY}"}
 
 
 @pytest.fixture
@@ -213,3 +216,15 @@ def test_explain_shows_the_limits_and_never_spends_them(config_dict, tmp_path, u
         200,
         429,
     ]
+
+
+def test_a_live_request_builds_no_explain_note(client, upstream, monkeypatch):
+    def never(*args):
+        raise AssertionError("an explain note was built on a live request")
+
+    monkeypatch.setattr(explain_command, "_notes", never)
+    monkeypatch.setattr(explain_command.Explanation, "around", never)
+    monkeypatch.setattr(explain_command, "DryStore", never)
+    upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json={"id": "x"})
+    answer = client.post("/proxy/chat/completions", json={"model": "m"}, headers=NAMED_AUTH)
+    assert answer.status_code == 200

@@ -11,7 +11,8 @@ import requests
 import responses
 
 from bench.config_load import ENV, write_config
-from gateway.config.load import load_config, parse_config
+from gateway.config.load import parse_config
+from gateway.config.source import load_config
 from gateway.errors import ConfigError, PolicyError
 from gateway.policy.keys import KEY_PATTERN, checksum_ok, instant, key_digest, key_item, new_key
 

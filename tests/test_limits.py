@@ -13,7 +13,7 @@ from gateway.policy.limits import Ask, LimitSet, parse_rate
 from gateway.policy.models import ModelPattern
 from gateway.spend.calls import read_call, with_usage_requested
 from gateway.spend.meter import UsageMeter
-from gateway.spend.store.base import StoreUnavailable, UsageRow
+from gateway.spend.store.base import DryStore, StoreUnavailable, UsageRow
 from gateway.spend.store.sqlite import SQLiteStore
 
 NOW = 1_800_000_030.0  # 30 s into a minute
@@ -112,8 +112,10 @@ def test_without_usage_the_reservation_stays_spent(store):
 def test_a_dry_check_counts_nothing(store):
     ask = _ask(requests=["1/minute"])
     for _ in range(3):
-        assert store.admit(ask, NOW, dry=True).admitted
+        assert DryStore(store).admit(ask, NOW).admitted
     assert store.admit(ask, NOW).admitted
+    refused = DryStore(store).admit(ask, NOW)
+    assert (refused.admitted, refused.code) == (False, "rate_limited")
 
 
 def _burst_in_process(path: str, n: int, results) -> None:

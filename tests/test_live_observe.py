@@ -340,3 +340,101 @@ def test_requests_gunicorn_cannot_parse_are_logged_without_their_text(gateway, r
         lambda: gateway.log_text().count("Invalid request from ip=") > before, 10, "the log line"
     )
     assert CHAT_KEY not in gateway.log_text()
+
+
+# --- workers serve the config the master accepted, never the file as it is now -----
+
+
+def statuses(live: LiveGateway, key: str, calls: int = 20) -> list[int]:
+    """Make ``calls`` calls with ``key``, each on a new connection (so on any worker)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    return [
+        requests.get(live.url + "/proxy/models", headers=headers, timeout=10).status_code
+        for _ in range(calls)
+    ]
+
+
+def kill_every_worker(live: LiveGateway) -> None:
+    """SIGKILL each worker, as a crash or the OOM killer would; wait for their replacements."""
+    old = live.worker_pids()
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: not old & live.worker_pids() and len(live.loaded_workers()) == len(old),
+        60,
+        "new workers to load the app",
+    )
+
+
+def edited(upstream: FakeUpstream) -> dict:
+    """A valid config that differs: READONLY_KEY's client now has NEW_KEY."""
+    config = observed_config(upstream)
+    config["clients"][NEW_KEY] = config["clients"].pop(READONLY_KEY)
+    return config
+
+
+@pytest.mark.parametrize("change", ["broken", "deleted", "edited"])
+def test_workers_booting_later_serve_the_accepted_config_not_the_file(tmp_path, upstream, change):
+    live, _ = start(tmp_path, upstream)
+    config_path = tmp_path / "config.yaml"
+    try:
+        if change == "broken":
+            config_path.write_text("targets: {api: {baseURL: http://x}}\nclients: {}\n")
+        elif change == "deleted":
+            config_path.unlink()
+        else:
+            write_config(config_path, edited(upstream))
+        kill_every_worker(live)  # no HUP: nothing has accepted the change
+        assert statuses(live, CHAT_KEY) == [200] * 20
+        assert statuses(live, READONLY_KEY) == [200] * 20
+        assert statuses(live, NEW_KEY, 5) == [401] * 5
+        assert "config_invalid" not in live.log_text()
+    finally:
+        live.stop()
+
+
+def test_workers_recycled_by_max_requests_serve_the_accepted_config(tmp_path, upstream):
+    config = write_config(tmp_path / "config.yaml", observed_config(upstream))
+    env = {**CANARIES, "GUNICORN_CMD_ARGS": "--max-requests 5"}
+    live = LiveGateway(config, env, tmp_path / "error.log", tmp_path / "access.log").start()
+    try:
+        first = live.worker_pids()
+        (tmp_path / "config.yaml").write_text("targets: {}\nclients: {}\nbogus: 1\n")
+        # A worker answers 5 at most: at least 30 answers come from workers booted since.
+        assert statuses(live, CHAT_KEY, 40) == [200] * 40
+        assert first - live.worker_pids(), "max_requests recycled no worker"
+    finally:
+        live.stop()
+
+
+def test_workers_after_a_refused_hup_keep_the_old_config_and_after_an_accepted_one_the_new(
+    tmp_path, upstream
+):
+    live, _ = start(tmp_path, upstream)
+    config_path = tmp_path / "config.yaml"
+    try:
+        config_path.write_text("targets: {api: {baseURL: http://x}}\nclients: {}\n")
+        os.kill(live.process.pid, signal.SIGHUP)
+        wait_until(lambda: "reload refused" in live.log_text(), 60, "the refused reload")
+        kill_every_worker(live)
+        assert statuses(live, CHAT_KEY) == [200] * 20
+        assert statuses(live, READONLY_KEY) == [200] * 20
+
+        write_config(config_path, edited(upstream))
+        workers = live.worker_pids()
+        os.kill(live.process.pid, signal.SIGHUP)
+        wait_until(lambda: "the config is valid; reloading" in live.log_text(), 60, "the reload")
+        # Saved again while the new workers boot: they build from what was checked.
+        config_path.write_text("targets: {}\nclients: {}\nbogus: 1\n")
+        wait_until(lambda: not workers & live.worker_pids(), 60, "the old workers to exit")
+        wait_until(lambda: len(live.loaded_workers()) == 2, 60, "the new workers")
+        assert statuses(live, NEW_KEY) == [200] * 20
+        assert statuses(live, READONLY_KEY) == [401] * 20
+
+        config_path.unlink()  # the accepted config is still the new one
+        kill_every_worker(live)
+        assert statuses(live, NEW_KEY) == [200] * 20
+        assert statuses(live, READONLY_KEY) == [401] * 20
+        assert "config_invalid" not in live.log_text()
+    finally:
+        live.stop()

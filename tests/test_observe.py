@@ -418,3 +418,14 @@ def test_the_usage_meter_fills_the_record_for_the_log_and_the_metrics(client, up
     labels = {("client", "client#1"), ("model", "gpt-x")}
     assert found["gateway_tokens_total", frozenset({*labels, ("kind", "input")})] == 12
     assert found["gateway_tokens_total", frozenset({*labels, ("kind", "output")})] == 34
+
+
+def test_every_gateway_module_logs_at_info_through_the_gateway_handler(app):
+    # One logger for the whole package: a module deep in it (a resend's info line)
+    # is heard as well as the edge.
+    import logging
+
+    for name in ("gateway.upstream.client", "gateway.spend.admission", "gateway.edge.routes"):
+        logger = logging.getLogger(name)
+        assert logger.isEnabledFor(logging.INFO), name
+    assert logging.getLogger("gateway").handlers

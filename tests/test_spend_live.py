@@ -22,8 +22,11 @@ from .support import CANARIES, write_config
 
 KEYS = {
     name: f"ck-spend-{name}-0123456789"
-    for name in ("burst", "conc", "leaver", "killed", "budget", "models", "usage", "load", "free")
-}
+    for name in (
+        "burst", "conc", "leaver", "killed", "budget", "models", "usage", "load", "free",
+        "locked", "reserved",
+    )
+}  # fmt: skip
 CHAT = {"model": "gpt-test", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -46,6 +49,8 @@ def _config(upstream_url: str, storage: str) -> dict:
             "limits": {"requests": ["1000000/day"], "concurrent": 1000, "tokens": ["100000000/day"]}
         },
         "free": {},
+        "locked": {"limits": {"concurrent": 1}},
+        "reserved": {"limits": {"tokens": ["1000/day"]}, "maxTokens": 100},
     }
     clients = {KEYS[name]: {**client, "name": name, **extra} for name, extra in limits.items()}
     clients[KEYS["usage"] + "-anthropic"] = {
@@ -273,6 +278,39 @@ def test_a_duplicated_model_key_is_refused(sqlite_pair):
     assert (answer.status_code, answer.json()["error"]) == (400, "invalid_json")
 
 
+# A header the envelope can carry but HTTP cannot send: refused after admission.
+BAD_HEADERS = [{"X-Bad": "a\u0001b"}, {"X Bad": "1"}, {"X-Bad": "\u20ac"}]
+
+
+def _bad_envelope(gateway, name: str, headers: dict) -> requests.Response:
+    envelope = {"method": "POST", "path": "/chat/completions", "headers": headers, "body": CHAT}
+    return requests.post(gateway.url + "/proxy", json=envelope, headers=_auth(name), timeout=20)
+
+
+def _a_refused_call_frees_its_slot(gateways) -> None:
+    for headers in BAD_HEADERS:  # concurrent: 1, on one worker or the other
+        for gateway in gateways:
+            answer = _bad_envelope(gateway, "locked", headers)
+            assert (answer.status_code, answer.json()["error"]) == (400, "invalid_header")
+            assert _chat(gateway, "locked").status_code == 200  # its slot was freed
+
+
+def _a_refused_call_returns_its_reservation(gateways) -> None:
+    for _ in range(4):  # 12 reservations of 100+ tokens would spend a budget of 1000
+        for headers in BAD_HEADERS:
+            answer = _bad_envelope(gateways[0], "reserved", headers)
+            assert (answer.status_code, answer.json()["error"]) == (400, "invalid_header")
+    answer = _chat(gateways[1], "reserved")
+    assert answer.status_code == 200, answer.text  # every reservation was returned whole
+
+
+@pytest.mark.parametrize(
+    "check", [_a_refused_call_frees_its_slot, _a_refused_call_returns_its_reservation]
+)
+def test_a_refusal_after_admission_releases_what_it_holds(sqlite_pair, check):
+    check(sqlite_pair)
+
+
 # --- Redis: two gateways on one Redis; Redis stopped and started again ---------------------
 
 
@@ -340,6 +378,13 @@ def test_a_burst_against_two_gateways_sharing_redis_admits_exactly_5(redis_pair)
     gateways, _ = redis_pair
     statuses = sorted(a.status_code for a in _burst(gateways, "burst", 16, _models))
     assert statuses == [200] * 5 + [429] * 11, statuses
+
+
+@pytest.mark.parametrize(
+    "check", [_a_refused_call_frees_its_slot, _a_refused_call_returns_its_reservation]
+)
+def test_a_refusal_after_admission_releases_what_it_holds_on_redis(redis_pair, check):
+    check(redis_pair[0])
 
 
 def test_redis_stopped_refuses_limited_calls_only_and_recovers_when_it_is_back(redis_pair):

@@ -6,7 +6,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from gateway import create_app
-from gateway.config.load import load_config
+from gateway.config.source import load_config
 from gateway.errors import ConfigError
 
 from .support import AUTH, CANARIES, base_config, write_config

@@ -13,8 +13,9 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from ..config.load import GatewayConfig, environment, load_config
+from ..config.load import GatewayConfig
 from ..config.schema import CLIENT_NAME, NAME_RULE
+from ..config.source import environment, hand_over, load_config, read_config
 from ..errors import ConfigError
 from ..policy.access import Client, Target
 from ..policy.keys import PREFIX, checksum_ok, is_key_item, key_digest, key_item, new_key
@@ -116,22 +117,35 @@ def _summary(path: str, config: GatewayConfig, now: datetime) -> list[str]:
 @click.option(
     "--probe-timeout", default=5.0, show_default=True, help="Seconds to wait for each target."
 )
+@click.option(
+    "--hand-over",
+    "hand_over_fd",
+    type=int,
+    hidden=True,
+    help="gunicorn.conf.py's: write what was checked to this open file descriptor.",
+)
 @with_appcontext
-def check_config(path: str | None, probe: bool, probe_timeout: float) -> None:
+def check_config(
+    path: str | None, probe: bool, probe_timeout: float, hand_over_fd: int | None
+) -> None:
     """Validate the gateway config and print a summary, or every problem found.
 
-    It reads the file itself: the app's own config is not needed, only where
-    secrets come from. (If the app's config is broken, the flask command cannot
-    build the app, and says the same problems before this runs.) Warnings
-    (plaintext keys, keys about to expire, TLS files and plain http) do not fail
-    the check; a failed ``--probe`` exits 1.
+    It reads the file itself: the app's own config is not needed (it may be
+    missing or broken), only where secrets come from. Warnings (plaintext keys,
+    keys about to expire, TLS files and plain http) do not fail the check; a
+    failed ``--probe`` exits 1.
     """
     path = path or current_app.config["GATEWAY_CONFIG"]
+    env = environment(current_app)
     try:
-        config = load_config(path, environment(current_app))
+        text = read_config(path)  # read once: what is handed over is what was checked
+        config = load_config(path, env, text)
     except ConfigError as exc:
         click.echo(exc.format_message(), err=True)
         raise SystemExit(1) from None
+    if hand_over_fd is not None:
+        with open(hand_over_fd, "wb", closefd=False) as out:
+            out.write(hand_over(path, text, env))
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo("\n".join(_summary(path, config, datetime.now(UTC))))
@@ -184,7 +198,8 @@ def keys_hash() -> None:
             "was it cut short or mistyped?",
             err=True,
         )
-    found = current_app.extensions["gateway.config"].keys.get(key_digest(key))
+    live = current_app.extensions.get("gateway.config")  # None: no usable config, no hint
+    found = live.keys.get(key_digest(key)) if live is not None else None
     if found is not None and found[1].plaintext:
         click.echo(
             f"This is the plaintext key of clients.{found[0].label}: give that client a name "

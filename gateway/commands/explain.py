@@ -1,34 +1,71 @@
 """``flask explain``: what the gateway would do with a request, without calling anyone.
 
-The request runs through the app exactly as a live one (same routes, checks and
-error handlers); the edge records each decision on the ``Explanation`` it finds
-in the WSGI environ, and stops where it would call upstream. So the answer can
-never disagree with the gateway.
+The request runs through the app exactly as a live one (same routes, stages and
+error handlers). The ``Explanation`` it finds in the WSGI environ observes the
+stages: it runs each one, then writes down what the stage found; it gives spend
+control a store handle that checks without counting, and answers in the place of
+the stage that would call upstream. So the answer can never disagree with the
+gateway, and a live request, which has no observer, builds none of these notes.
 """
 
 from __future__ import annotations
 
 import click
-from flask import Flask, current_app
+from flask import Flask, Response, current_app
 from flask.cli import with_appcontext
 from werkzeug.test import Client
 
-from ..edge.routes import EXPLAIN
+from ..config.source import require
+from ..edge import answer, stages
+from ..edge.exchange import OBSERVER, Exchange, Stage
+from ..spend.store.base import DryStore
+from ..upstream.client import prepare
 
 __all__ = ["Explanation", "init_app"]
 
 
 class Explanation:
-    """The decisions taken on one request, and the upstream call it would make."""
+    """An observer of one request's stages: the decisions taken, and the call it would make."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[str, str]] = []
         self.call = None  # the upstream.Call, once every check has passed
         self.prepared = None  # the requests.PreparedRequest that would be sent
 
-    def note(self, step: str, text: str) -> None:
-        """Record one decision: ``step`` names the check, ``text`` what it found."""
-        self.steps.append((step, text))
+    def around(self, stage: Stage, ex: Exchange) -> None:
+        """Run ``stage`` and note what it found; answer in the place of the upstream call."""
+        if stage is answer.forward:
+            self.call, self.prepared = ex.call, prepare(ex.call)
+            ex.response = Response(status=204)  # everything up to here ran; nothing is sent
+            return
+        if stage is stages.spend and ex.store is not None:
+            ex.store = DryStore(ex.store)  # check the limits, count nothing
+        try:
+            stage(ex)
+        except BaseException:
+            self.steps += _notes(stage, ex, passed=False)
+            raise
+        self.steps += _notes(stage, ex, passed=True)
+
+
+def _notes(stage: Stage, ex: Exchange, passed: bool) -> list[tuple[str, str]]:
+    """Return what ``stage`` found, as (check, text) lines."""
+    notes = []
+    if stage is stages.authenticate and ex.client is not None:
+        notes += [("client", ex.client.label), ("key", ex.key.describe())]
+        if passed and ex.origin is not None:
+            notes.append(("origin", f"{ex.origin} is in allowedOrigins"))
+    elif stage is stages.judge_path and passed:
+        notes.append(("method", f"{ex.method} is in allowedMethods"))
+        notes.append(("path", f"{ex.path} matches allowedPaths pattern {ex.pattern.text}"))
+    elif stage is stages.spend and passed:
+        llm, headers = ex.admission.llm, ex.admission.headers
+        if llm.model is not None:
+            notes.append(("model", f"{llm.model} (max tokens {llm.ceiling or 'not set'})"))
+        if headers:
+            limits = ", ".join(f"{k}: {v}" for k, v in headers.items())
+            notes.append(("limits", f"admitted now ({limits})"))
+    return notes
 
 
 def _masked_headers(explanation: Explanation) -> list[str]:
@@ -103,6 +140,7 @@ def explain(
     is sent upstream. Exits 0 if the request would be forwarded (or answered by
     the gateway itself), 1 if it would be refused.
     """
+    require(current_app, "flask explain")
     sent: list[tuple[str, str]] = []
     if key is not None:
         sent.append(("Authorization", f"Bearer {key}"))
@@ -125,7 +163,7 @@ def explain(
         headers=sent,
         data=data,
         # The raw request target, as gunicorn passes it: paths are judged on it.
-        environ_overrides={EXPLAIN: explanation, "RAW_URI": path, "REQUEST_URI": path},
+        environ_overrides={OBSERVER: explanation, "RAW_URI": path, "REQUEST_URI": path},
     )
     lines, ok = _report(explanation, response, origin)
     click.echo(f"request: {method.upper()} {path}")

@@ -10,6 +10,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from ..config.source import require
 from ..spend.store.base import StoreUnavailable, UsageRow
 
 __all__ = ["init_app"]
@@ -63,6 +64,7 @@ def _printable(text: str) -> str:
 @with_appcontext
 def usage(since: str | None, by: str, as_csv: bool) -> None:
     """Print the LLM tokens recorded in the limit storage, one row per group."""
+    require(current_app, "flask usage")  # the config says where the limit storage is
     try:
         rows = current_app.extensions["gateway.limits"].usage(_since(since))
     except StoreUnavailable as exc:

@@ -19,9 +19,13 @@ from ..policy.headers import check_header
 from ..policy.keys import KeyItem, is_key_item, key_digest
 from ..policy.limits import LimitSet, parse_rate
 from ..policy.models import ModelPattern
+from ..settings import default
 from .schema import CLIENT_NAME, NAME_RULE
 
 __all__ = ["build_clients", "client_labels", "is_named"]
+
+_READ_TIMEOUT_MS = default("clients.<name>.timeoutMs")
+_CONNECT_TIMEOUT_MS = default("clients.<name>.connectTimeoutMs")
 
 
 def is_named(spec: Any) -> bool:
@@ -151,8 +155,8 @@ def _build_client(
         methods=frozenset(methods),
         paths=tuple(paths),
         origins=frozenset(origins),
-        read_timeout=spec.get("timeoutMs", 30_000) / 1000,
-        connect_timeout=spec.get("connectTimeoutMs", 5_000) / 1000,
+        read_timeout=spec.get("timeoutMs", _READ_TIMEOUT_MS) / 1000,
+        connect_timeout=spec.get("connectTimeoutMs", _CONNECT_TIMEOUT_MS) / 1000,
         keys=tuple(keys),
         limits=limit_set(spec.get("limits", {})),
         models=tuple(ModelPattern.compile(text) for text in spec.get("allowedModels", [])),

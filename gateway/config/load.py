@@ -1,37 +1,34 @@
-"""Load and validate the YAML config; resolve secrets; report every problem at once."""
+"""Validate a config read from YAML; resolve its secrets; report every problem at once."""
 
 from __future__ import annotations
 
-import gc
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-from dotenv import dotenv_values
-from flask import Flask
 from werkzeug.http import is_hop_by_hop_header
 
 from ..errors import ConfigError, PolicyError
 from ..policy.access import Client, Target
-from ..policy.egress import guarded_variants
 from ..policy.headers import check_header
 from ..policy.keys import KeyItem, key_digest
+from ..policy.secret_forms import GuardedSecrets, guarded_variants
+from ..settings import default
 from ..upstream import tls
 from .clients import build_clients, client_labels, limit_set
 from .schema import checked_part
 
-__all__ = ["GatewayConfig", "environment", "init_app", "load_config", "parse_config"]
+__all__ = ["SECRET_VARIABLE", "GatewayConfig", "parse_config"]
 
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 # Below the 5 s keep-alive timeout of uvicorn, Node and many load balancers' backends.
 DEFAULT_UPSTREAM_IDLE_MS = 4_000
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A `${VAR}` reference in a secret.
+SECRET_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class GatewayConfig:
     max_request_bytes: int
     body_timeout: float = 30.0
     write_timeout: float = 60.0
-    guarded: tuple[bytes, ...] = field(default=(), repr=False)  # what the egress guard blocks
+    guarded: GuardedSecrets | None = field(default=None, repr=False)  # what the egress guard blocks
     # Every client's allowedOrigins together: one set lookup per browser request.
     origins: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = ()
@@ -81,7 +78,7 @@ class GatewayConfig:
 
 
 def _resolve(name: str, raw: str, env: Mapping[str, str], problems: list[str]) -> str | None:
-    missing = [var for var in _VAR.findall(raw) if var not in env]
+    missing = [var for var in SECRET_VARIABLE.findall(raw) if var not in env]
     if missing:
         for var in missing:
             problems.append(
@@ -89,7 +86,7 @@ def _resolve(name: str, raw: str, env: Mapping[str, str], problems: list[str]) -
                 "(set it in the environment or in .env)"
             )
         return None
-    value = _VAR.sub(lambda m: env[m.group(1)], raw)
+    value = SECRET_VARIABLE.sub(lambda m: env[m.group(1)], raw)
     if not value.strip():
         problems.append(f"secrets.{name}: resolves to an empty value")
         return None
@@ -213,7 +210,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
     # variable inside it (the raw key in "Bearer ${KEY}" is what an upstream echoes).
     guarded = [value for value in secrets.values() if value is not None]
     for raw_value in data.get("secrets", {}).values():
-        guarded += [env[var] for var in _VAR.findall(raw_value) if var in env]
+        guarded += [env[var] for var in SECRET_VARIABLE.findall(raw_value) if var in env]
     storage = data.get("limits", {}).get("storage", "sqlite")
     _check_storage(storage, problems)
     clients, keys = build_clients(
@@ -236,14 +233,16 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         max_request_bytes=data.get("maxRequestBytes", DEFAULT_MAX_REQUEST_BYTES),
         body_timeout=data.get("bodyTimeoutMs", 30_000) / 1000,
         write_timeout=data.get("writeTimeoutMs", 60_000) / 1000,
-        guarded=guarded_variants(guarded) if data.get("egressGuard", True) else (),
+        guarded=guarded_variants(guarded) if data.get("egressGuard", True) else None,
         warnings=tuple(warnings),
         limit_storage=storage,
         fail_open=data.get("limits", {}).get("failOpen", False),
         upstream_idle=data.get("upstreamIdleMs", DEFAULT_UPSTREAM_IDLE_MS) / 1000,
         trusted_proxies=data.get("trustedProxies", 0),
         metrics_token=metrics_token,
-        max_model_labels=(data.get("metrics") or {}).get("maxModelLabels", 100),
+        max_model_labels=(data.get("metrics") or {}).get(
+            "maxModelLabels", default("metrics.maxModelLabels")
+        ),
     )
 
 
@@ -282,141 +281,3 @@ def _metrics_token(
 
 
 # --- reading the file ----------------------------------------------------------
-
-
-_STR, _SEQ, _MAP, _MERGE = (f"tag:yaml.org,2002:{k}" for k in ("str", "seq", "map", "merge"))
-
-
-# libyaml's parser when PyYAML has it (its wheels do): a 10,000-client file
-# loads in a fraction of the time the pure-Python one takes.
-class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    """A SafeLoader that refuses a key written twice (the second would silently win).
-
-    Plain maps, lists and strings (nearly every node of a config) are built
-    directly; every other node goes through SafeLoader's own constructors.
-    That halves the time a large config takes to load.
-    """
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        built: dict[int, Any] = {}  # by node: an alias is built once, however often used
-
-        def build(node: yaml.Node) -> Any:
-            if node.tag == _STR and isinstance(node, yaml.ScalarNode):
-                return node.value
-            if id(node) in built:
-                return built[id(node)]
-            data: Any
-            if node.tag == _MAP and isinstance(node, yaml.MappingNode):
-                data = built[id(node)] = {}
-                self._refuse_duplicates(node, build)
-                self.flatten_mapping(node)  # merge keys (<<) first, so written keys win
-                for key_node, value_node in node.value:
-                    data[build(key_node)] = build(value_node)
-            elif node.tag == _SEQ and isinstance(node, yaml.SequenceNode):
-                data = built[id(node)] = []
-                data.extend(build(item) for item in node.value)
-            else:
-                data = built[id(node)] = self.construct_object(node, deep=True)
-            return data
-
-        return build(node)
-
-    @staticmethod
-    def _refuse_duplicates(node: yaml.MappingNode, build: Any) -> None:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE:
-                continue
-            key = build(key_node)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    "found unhashable key",
-                    key_node.start_mark,
-                ) from None
-            if duplicate:
-                # Not the key itself: under clients it may be a client key.
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a key written twice in the same mapping", key_node.start_mark
-                )
-            seen.add(key)
-
-
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str]) -> GatewayConfig:
-    """Read the YAML file at ``path`` and return the validated config."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            [
-                f"{path}: file not found; copy instance/config.example.yaml to "
-                "instance/config.yaml or set GATEWAY_CONFIG"
-            ]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot be read ({type(exc).__name__})"]) from None
-    # Loading makes hundreds of thousands of objects that all live on; each
-    # collection would walk them again, which made a large file quadratic.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        config = parse_config(raw, env, path.parent)
-    except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_problem(path, exc)]) from None
-    except ConfigError as exc:
-        raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
-    except RecursionError:
-        raise ConfigError([f"{path}: is nested too deeply to be a gateway config"]) from None
-    finally:
-        if collecting:
-            gc.enable()
-    return replace(config, warnings=tuple(f"{path}: {w}" for w in config.warnings))
-
-
-def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
-    """Say where the YAML broke, and what PyYAML was reading when it did."""
-
-    def at(mark: yaml.Mark | None) -> str:
-        return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-
-    problem = getattr(exc, "problem", None) or "is not valid YAML"
-    context = getattr(exc, "context", None)
-    context_mark = getattr(exc, "context_mark", None)
-    text = f"{at(getattr(exc, 'problem_mark', None))}: {problem}"
-    if context:
-        text += f" ({context}"
-        if context_mark is not None:
-            text += f" at line {context_mark.line + 1}, column {context_mark.column + 1}"
-        text += ")"
-    return text
-
-
-# --- wiring --------------------------------------------------------------------
-
-
-def environment(app: Flask) -> Mapping[str, str]:
-    """Return the variables secrets resolve from: ``.env`` first, the real environment wins.
-
-    Tests pass ``GATEWAY_ENVIRON`` instead.
-    """
-    if app.config.get("GATEWAY_ENVIRON") is not None:
-        return app.config["GATEWAY_ENVIRON"]
-    env_file = app.config["GATEWAY_ENV_FILE"]
-    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file else {}
-    return {**values, **os.environ}
-
-
-def init_app(app: Flask) -> None:
-    """Load the config named by ``GATEWAY_CONFIG`` into ``app.extensions``.
-
-    A broken config raises ConfigError: whatever loads the app (gunicorn, flask
-    run, Passenger) fails with the problem list rather than serve a part of it.
-    """
-    config = load_config(app.config["GATEWAY_CONFIG"], environment(app))
-    app.extensions["gateway.config"] = config
-    app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes

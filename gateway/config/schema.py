@@ -11,6 +11,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from ..policy.keys import PREFIX, instant, is_key_item
 from ..policy.limits import parse_rate
+from ..settings import setting
 
 __all__ = [
     "CLIENT_NAME",
@@ -35,6 +36,12 @@ def _non_empty(hint: str) -> validate.Length:
     return validate.Length(min=1, error=f"must not be empty; {hint}")
 
 
+def _integer(key: str) -> fields.Integer:
+    """Return the field of the integer setting ``key``, its range taken from the settings table."""
+    known = setting(key)
+    return fields.Integer(strict=True, validate=validate.Range(known.low, known.high))
+
+
 def _rate(text: str) -> None:
     try:
         parse_rate(text)
@@ -44,7 +51,7 @@ def _rate(text: str) -> None:
 
 class ScopeLimitsSchema(Schema):
     requests = fields.List(fields.String(validate=_rate))
-    concurrent = fields.Integer(strict=True, validate=validate.Range(1, 1_000_000))
+    concurrent = _integer("clients.<name>.limits.concurrent")
     tokens = fields.List(fields.String(validate=_rate))
 
 
@@ -151,19 +158,19 @@ class ClientSchema(Schema):
         validate=_non_empty('write ["/**"] to allow every path'),
     )
     allowedOrigins = Strings()
-    timeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 3_600_000))
-    connectTimeoutMs = fields.Integer(strict=True, validate=validate.Range(1, 600_000))
+    timeoutMs = _integer("clients.<name>.timeoutMs")
+    connectTimeoutMs = _integer("clients.<name>.connectTimeoutMs")
     limits = fields.Nested(ScopeLimitsSchema)
     allowedModels = fields.List(
         fields.String(validate=_non_empty('write a model name, e.g. "openai/gpt-4o-mini"')),
         validate=_non_empty("leave allowedModels out to allow any model"),
     )
-    maxTokens = fields.Integer(strict=True, validate=validate.Range(1, 100_000_000))
+    maxTokens = _integer("clients.<name>.maxTokens")
 
 
 class MetricsSchema(Schema):
     tokenRef = fields.String(required=True, error_messages=_REQUIRED)
-    maxModelLabels = fields.Integer(strict=True, validate=validate.Range(0, 100_000))
+    maxModelLabels = _integer("metrics.maxModelLabels")
 
 
 class ConfigSchema(Schema):
@@ -180,13 +187,13 @@ class ConfigSchema(Schema):
         required=True,
         error_messages=_REQUIRED,
     )
-    maxRequestBytes = fields.Integer(strict=True, validate=validate.Range(1024, 2**40))
-    bodyTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
-    writeTimeoutMs = fields.Integer(strict=True, validate=validate.Range(100, 3_600_000))
+    maxRequestBytes = _integer("maxRequestBytes")
+    bodyTimeoutMs = _integer("bodyTimeoutMs")
+    writeTimeoutMs = _integer("writeTimeoutMs")
     egressGuard = fields.Boolean(truthy={True}, falsy={False})
     limits = fields.Nested(LimitStorageSchema)
-    upstreamIdleMs = fields.Integer(strict=True, validate=validate.Range(0, 600_000))
-    trustedProxies = fields.Integer(strict=True, validate=validate.Range(0, 16))
+    upstreamIdleMs = _integer("upstreamIdleMs")
+    trustedProxies = _integer("trustedProxies")
     metrics = fields.Nested(MetricsSchema)
 
 

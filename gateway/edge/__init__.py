@@ -1,6 +1,7 @@
-"""The HTTP edge: routes, the envelope, request bodies, CORS, the egress guard, error pages.
+"""The HTTP edge: routes, the request pipeline and its stages, the envelope, CORS, error pages.
 
-Thin: read the call, run it through the rules below, shape the response.
+Thin: each route runs its pipeline (``pipeline``: an ordered list of stages that
+read the call, judge it by the rules below, send it and filter the answer).
 May import every package but ``gateway.commands``.
 """
 

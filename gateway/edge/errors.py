@@ -109,7 +109,7 @@ def _unexpected_error(exc: Exception):
 
 def init_app(app: Flask) -> None:
     """Register the JSON error handlers on ``app``; give the gateway's loggers a handler."""
-    logger = logging.getLogger(__package__)
+    logger = logging.getLogger("gateway")  # every module of the gateway logs below it
     logger.setLevel(logging.INFO)
     if not logger.handlers:
         handler = logging.StreamHandler()

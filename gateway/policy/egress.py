@@ -4,6 +4,9 @@ Plain Python with no Flask imports. The body scan is a stage of the response
 pipeline: it passes chunks on as they come, holding back only a tail that could
 be the start of a secret (never the end of an SSE event), and raises
 ``SecretInResponse`` the moment a whole secret shows up.
+
+How a secret may be written back, and the patterns that find it, are
+``secret_forms``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import errno
 import zlib
 from collections.abc import Iterable, Iterator
 
+from .secret_forms import GuardedSecrets, guarded_variants
+
 __all__ = [
-    "MIN_SECRET_LENGTH",
     "READABLE_CODINGS",
     "SecretInResponse",
     "SecretScanner",
@@ -23,8 +27,6 @@ __all__ = [
     "scan_body",
 ]
 
-# Shorter values ("1", "true") would match innocent text; a real key is longer.
-MIN_SECRET_LENGTH = 8
 # The content codings the guard can decode to scan; the upstream is asked only for these.
 READABLE_CODINGS = ("gzip", "deflate")
 
@@ -44,37 +46,35 @@ class UnreadableEncoding(Exception):
     """The upstream sent a content coding the guard cannot decode, so cannot check."""
 
 
-def guarded_variants(values: Iterable[str]) -> tuple[bytes, ...]:
-    """Return the byte strings to look for: each value as text and as written in JSON."""
-    found: set[bytes] = set()
-    for value in values:
-        if len(value) < MIN_SECRET_LENGTH:
-            continue
-        found.add(value.encode("utf-8"))
-        # In a JSON body "/" may be written "\/" and non-ASCII as \uXXXX.
-        escaped = value.replace("/", "\\/").encode("ascii", "backslashreplace")
-        found.add(escaped)
-    return tuple(sorted(found, key=len, reverse=True))
-
-
 def guard_headers(
-    headers: Iterable[tuple[str, str]], secrets: tuple[bytes, ...]
+    headers: Iterable[tuple[str, str]], secrets: GuardedSecrets
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Return the headers without those whose value holds a secret, and the dropped names."""
-    texts = [s.decode("latin-1") for s in secrets]
+    headers = list(headers)
+    # One search over all values ("\n" is in none), and one per value if that finds any.
+    if not secrets.found_in(_header_bytes("\n".join(value for _, value in headers))):
+        return headers, []
     kept, dropped = [], []
     for name, value in headers:
-        if any(text in value for text in texts):
+        if secrets.found_in(_header_bytes(value)):
             dropped.append(name)
         else:
             kept.append((name, value))
     return kept, dropped
 
 
+def _header_bytes(value: str) -> bytes:
+    """Return a header value as the bytes it came as (http.client decodes Latin-1)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
 class SecretScanner:
     """Scans a byte stream fed in pieces; a secret split across pieces is still found."""
 
-    def __init__(self, secrets: tuple[bytes, ...]) -> None:
+    def __init__(self, secrets: GuardedSecrets) -> None:
         self._secrets = secrets
         self._tail = b""  # the end of the text seen so far that could start a secret
 
@@ -85,10 +85,9 @@ class SecretScanner:
         Raises ``SecretInResponse`` if a whole secret is now in view.
         """
         window = self._tail + data
-        for secret in self._secrets:
-            if secret in window:
-                raise SecretInResponse("body")
-        held = _partial_suffix(window, self._secrets)
+        if self._secrets.found_in(window):
+            raise SecretInResponse("body")
+        held = self._secrets.begun(window)
         self._tail = window[len(window) - held :] if held else b""
         return held
 
@@ -98,24 +97,8 @@ class SecretScanner:
         return len(self._tail)
 
 
-def _partial_suffix(data: bytes, secrets: tuple[bytes, ...]) -> int:
-    """Return the length of the longest end of ``data`` that is a start of a secret."""
-    longest = 0
-    for secret in secrets:
-        first = secret[:1]
-        start = max(0, len(data) - len(secret) + 1)  # a whole secret was ruled out already
-        position = data.find(first, start)
-        while position != -1:
-            length = len(data) - position
-            if length > longest and secret.startswith(data[position:]):
-                longest = length
-                break
-            position = data.find(first, position + 1)
-    return longest
-
-
 def scan_body(
-    chunks: Iterator[bytes], secrets: tuple[bytes, ...], coding: str | None
+    chunks: Iterator[bytes], secrets: GuardedSecrets, coding: str | None
 ) -> Iterator[bytes]:
     """Pass ``chunks`` on, cut with ``SecretInResponse`` before a secret would be sent.
 

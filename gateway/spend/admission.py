@@ -91,7 +91,6 @@ def admit(
     query: Iterable[tuple[str, str]],
     *,
     parsed: Any = NOT_PARSED,
-    dry: bool = False,
 ) -> Admission:
     """Check ``client``'s model, ceiling and limits for one call; raise GatewayError if refused."""
     target = client.target
@@ -116,7 +115,7 @@ def admit(
         scopes = tuple((s, limits) for s, limits in scopes if limits)
     reservation = llm.reservation(len(admission.body or body or b"")) if llm.model else 0
     try:
-        verdict = store.admit(Ask(scopes, reservation), dry=dry)
+        verdict = store.admit(Ask(scopes, reservation))
     except StoreUnavailable as exc:
         if fail_open:
             log.warning("%s: limits unavailable (%s); let through (failOpen)", client.label, exc)
@@ -129,6 +128,4 @@ def admit(
     if not verdict.admitted:
         raise GatewayError(verdict.code, _REFUSALS[verdict.code], headers=admission.headers)
     admission.ticket = verdict.ticket
-    if dry:
-        admission.store = None  # nothing was counted, so nothing to settle
     return admission

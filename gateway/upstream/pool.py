@@ -57,17 +57,55 @@ class _BrokenHead(http.client.HTTPException):
     """The connection broke after the answer's first byte: the upstream was answering."""
 
 
+class _Unframed(http.client.HTTPException):
+    """An answer the gateway never passes on: a protocol switch, or a body framed two ways."""
+
+
 class _Response(http.client.HTTPResponse):
+    """http.client's response, kept in step with its connection (RFC 9112 6.3).
+
+    http.client skips ``100 Continue`` only: any other interim answer would pass for
+    the final one, and the real answer would be read by the connection's next call.
+    """
+
     def begin(self) -> None:
         # Wait for the first byte (or the close) before parsing: a reset that follows
         # part of a status line must not pass for a close before any answer.
         answered = bool(self.fp.peek(1))
         try:
             super().begin()
+            while self.status < 200:  # an interim answer (1xx): its head is read whole
+                if self.status == 101:
+                    raise _Unframed("the upstream switched protocols unasked")
+                self.headers = self.msg = None  # or begin() returns at once
+                super().begin()
         except ConnectionError as exc:
+            # After an interim answer too: the upstream read the call and failed while
+            # answering, which is no stale keep-alive close; it is never sent again.
             if answered:
                 raise _BrokenHead("the upstream broke off its answer's head") from exc
             raise
+        self._check_framing()
+
+    def _check_framing(self) -> None:
+        """Refuse a head framed two ways; close after one whose end is in doubt."""
+        lengths = self.headers.get_all("content-length")
+        coded = "transfer-encoding" in self.headers
+        if lengths:
+            values = {value.strip() for line in lengths for value in line.split(",")}
+            if coded or len(values) > 1:
+                # Each side of a proxy may pick another framing (response splitting).
+                raise _Unframed("the upstream framed its answer two ways")
+            announced = values != {"0"}
+        else:
+            announced = coded
+        if self.length == 0 and announced:
+            # An answer with no body by rule (to a HEAD, a 204 or 304) that announces one:
+            # a careless upstream writes it anyway, perhaps later, where the connection's
+            # next answer belongs. The connection ends with this answer instead, and
+            # nothing is read as its body (http.client would read a chunked one).
+            self.will_close = True
+            self.chunked = False
 
 
 class _TrackedConnection:

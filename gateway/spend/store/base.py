@@ -17,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...policy.limits import Ask, Quota, Ticket, Verdict, counter_key
+from ...settings import default
 
 __all__ = [
     "LEASE_SECONDS",
+    "DryStore",
     "Plan",
     "Store",
     "StoreUnavailable",
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 # A concurrency slot is a lease: its holder renews it while the call goes on, so a
 # slot held by a worker that was killed frees itself within the worker timeout
 # (gunicorn.conf.py reads the same variable).
-LEASE_SECONDS = float(os.environ.get("GATEWAY_WORKER_TIMEOUT", 30))
+LEASE_SECONDS = float(os.environ.get("GATEWAY_WORKER_TIMEOUT", default("GATEWAY_WORKER_TIMEOUT")))
 
 
 class StoreUnavailable(Exception):
@@ -60,10 +62,9 @@ class Plan:
     slots: list[tuple[str, int]]  # key, limit
     tokens: list[tuple[str, int, int]]  # key, budget, window end
     reservation: int
-    dry: bool = False  # check only
 
 
-def make_plan(ask: Ask, now: float, dry: bool = False) -> Plan:
+def make_plan(ask: Ask, now: float) -> Plan:
     requests, slots, tokens = [], [], []
     for scope, limits in ask.scopes:
         for rate in limits.requests:
@@ -74,7 +75,7 @@ def make_plan(ask: Ask, now: float, dry: bool = False) -> Plan:
         for rate in limits.tokens:
             key, end = counter_key("tok", scope, rate, now)
             tokens.append((key, rate.count, end))
-    return Plan(requests, slots, tokens, ask.reservation, dry)
+    return Plan(requests, slots, tokens, ask.reservation)
 
 
 def plan_verdict(
@@ -135,22 +136,24 @@ class Store:
     def __init__(self) -> None:
         self.leases = _Leases(self._renew)
 
-    def admit(self, ask: Ask, now: float | None = None, *, dry: bool = False) -> Verdict:
-        """Check and count ``ask`` atomically; the Verdict carries a ticket if admitted.
-
-        ``dry`` answers whether it would be admitted now, counting nothing.
-        """
+    def admit(self, ask: Ask, now: float | None = None) -> Verdict:
+        """Check and count ``ask`` atomically; the Verdict carries a ticket if admitted."""
         now = time.time() if now is None else now
-        plan = make_plan(ask, now, dry)
+        plan = make_plan(ask, now)
         ticket = Ticket(uuid.uuid4().hex)
         verdict = self._admit(plan, ticket.id, now)
-        if verdict.admitted and not dry:
+        if verdict.admitted:
             ticket.slots = [key for key, _ in plan.slots]
             ticket.reservations = [(key, plan.reservation) for key, _, _ in plan.tokens]
             verdict.ticket = ticket
             if ticket.slots:
                 self.leases.hold(ticket)
         return verdict
+
+    def check(self, ask: Ask, now: float | None = None) -> Verdict:
+        """Answer whether ``ask`` would be admitted now, counting nothing (no ticket)."""
+        now = time.time() if now is None else now
+        return self._check(make_plan(ask, now), now)
 
     def finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None = None) -> None:
         """Free the ticket's slots; replace its reservations by ``tokens`` (None: spent).
@@ -175,8 +178,31 @@ class Store:
     def _admit(self, plan: Plan, ticket: str, now: float) -> Verdict:
         raise NotImplementedError
 
+    def _check(self, plan: Plan, now: float) -> Verdict:
+        raise NotImplementedError
+
     def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
         raise NotImplementedError
 
     def _renew(self, held: list[tuple[str, str]]) -> None:
         raise NotImplementedError
+
+
+class DryStore:
+    """A handle on ``store`` that checks and never counts: what ``flask explain`` gets.
+
+    The same ``admit``/``finish``/``record`` surface as a Store, so spend control
+    runs unchanged on it; its Verdicts carry no ticket, so there is nothing to settle.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def admit(self, ask: Ask, now: float | None = None) -> Verdict:
+        return self._store.check(ask, now)
+
+    def finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None = None) -> None:
+        """Settle nothing: a dry admission holds nothing."""
+
+    def record(self, row: UsageRow) -> None:
+        """Record nothing: a dry run is not usage."""

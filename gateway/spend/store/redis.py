@@ -14,7 +14,8 @@ from .base import LEASE_SECONDS, Plan, Store, StoreUnavailable, UsageRow, plan_v
 __all__ = ["RedisStore"]
 
 
-_ADMIT = """
+# Every limit is read first; the first one reached refuses (and counts nothing).
+_CHECKS = """
 local a = cjson.decode(ARGV[1])
 local used = {}
 for i, r in ipairs(a.requests) do
@@ -36,8 +37,13 @@ for i, t in ipairs(a.tokens) do
     return cjson.encode({failed = 'quota_exhausted', index = i - 1, used = used})
   end
 end
-if a.dry then return cjson.encode({used = used}) end
-for i, r in ipairs(a.requests) do
+"""
+
+_CHECK = _CHECKS + "return cjson.encode({used = used})\n"
+
+_ADMIT = (
+    _CHECKS
+    + """for i, r in ipairs(a.requests) do
   redis.call('INCR', r[1])
   redis.call('EXPIREAT', r[1], r[3] + 60)
 end
@@ -51,6 +57,7 @@ for i, t in ipairs(a.tokens) do
 end
 return cjson.encode({used = used})
 """
+)
 
 # Counts travel as strings: a Lua number is a double, which Redis would write back
 # in exponent form past 1e17, and HINCRBY refuses that halfway through the script.
@@ -98,6 +105,7 @@ class RedisStore(Store):
                 {
                     "client": client,
                     "admit": client.register_script(_ADMIT),
+                    "check": client.register_script(_CHECK),
                     "finish": client.register_script(_FINISH),
                     "renew": client.register_script(_RENEW),
                 },
@@ -113,19 +121,24 @@ class RedisStore(Store):
             raise StoreUnavailable(f"Redis: {type(exc).__name__}") from None
 
     def _admit(self, plan: Plan, ticket: str, now: float) -> Verdict:
+        return self._script("admit", plan, ticket, now)
+
+    def _check(self, plan: Plan, now: float) -> Verdict:
+        return self._script("check", plan, "", now)
+
+    def _script(self, script: str, plan: Plan, ticket: str, now: float) -> Verdict:
         keys = (
             [r[0] for r in plan.requests] + [s[0] for s in plan.slots] + [t[0] for t in plan.tokens]
         )
         answer = json.loads(
             self._call(
-                "admit",
+                script,
                 keys,
                 {
                     "now": now,
                     "lease": LEASE_SECONDS,
                     "ticket": ticket,
                     "reservation": plan.reservation,
-                    "dry": plan.dry,
                     "requests": [list(r[:3]) for r in plan.requests],
                     "slots": [list(s) for s in plan.slots],
                     "tokens": [list(t) for t in plan.tokens],

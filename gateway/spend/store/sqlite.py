@@ -90,27 +90,14 @@ class SQLiteStore(Store):
             self._run(lambda db: db.execute("DELETE FROM counters WHERE ends < ?", (now - 86400,)))
         return self._transaction(lambda db: self._admit_locked(db, plan, ticket, now))
 
+    def _check(self, plan: Plan, now: float) -> Verdict:
+        return self._transaction(lambda db: _checked(db, plan, now))
+
     @staticmethod
     def _admit_locked(db: sqlite3.Connection, plan: Plan, ticket: str, now: float) -> Verdict:
-        def counter(key: str) -> tuple[int, int]:
-            row = db.execute("SELECT used, reserved FROM counters WHERE key = ?", (key,)).fetchone()
-            return row or (0, 0)
-
-        used = [counter(key)[0] for key, _, _, _ in plan.requests]
-        for i, ((_, limit, _, _), count) in enumerate(zip(plan.requests, used, strict=True)):
-            if count + 1 > limit:
-                return plan_verdict(plan, now, used, "rate_limited", i)
-        for i, (key, limit) in enumerate(plan.slots):
-            db.execute("DELETE FROM slots WHERE key = ? AND expires <= ?", (key, now))
-            (held,) = db.execute("SELECT COUNT(*) FROM slots WHERE key = ?", (key,)).fetchone()
-            if held >= limit:
-                return plan_verdict(plan, now, used, "too_many_concurrent", i)
-        for i, (key, budget, _) in enumerate(plan.tokens):
-            spent, reserved = counter(key)
-            if spent + reserved + plan.reservation > budget:
-                return plan_verdict(plan, now, used, "quota_exhausted", i)
-        if plan.dry:
-            return plan_verdict(plan, now, used, None, 0)
+        verdict = _checked(db, plan, now)
+        if not verdict.admitted:
+            return verdict
         for key, _, end, _ in plan.requests:
             db.execute(
                 "INSERT INTO counters VALUES (?, ?, 1, 0) "
@@ -125,7 +112,7 @@ class SQLiteStore(Store):
                 "ON CONFLICT (key) DO UPDATE SET reserved = reserved + excluded.reserved",
                 (key, end, plan.reservation),
             )
-        return plan_verdict(plan, now, used, None, 0)
+        return verdict
 
     def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -161,6 +148,29 @@ class SQLiteStore(Store):
             ).fetchall()
         )
         return [UsageRow(*row) for row in rows]
+
+
+def _checked(db: sqlite3.Connection, plan: Plan, now: float) -> Verdict:
+    """Read every limit of ``plan``: the refusal of the first one reached, or admitted."""
+
+    def counter(key: str) -> tuple[int, int]:
+        row = db.execute("SELECT used, reserved FROM counters WHERE key = ?", (key,)).fetchone()
+        return row or (0, 0)
+
+    used = [counter(key)[0] for key, _, _, _ in plan.requests]
+    for i, ((_, limit, _, _), count) in enumerate(zip(plan.requests, used, strict=True)):
+        if count + 1 > limit:
+            return plan_verdict(plan, now, used, "rate_limited", i)
+    for i, (key, limit) in enumerate(plan.slots):
+        db.execute("DELETE FROM slots WHERE key = ? AND expires <= ?", (key, now))
+        (held,) = db.execute("SELECT COUNT(*) FROM slots WHERE key = ?", (key,)).fetchone()
+        if held >= limit:
+            return plan_verdict(plan, now, used, "too_many_concurrent", i)
+    for i, (key, budget, _) in enumerate(plan.tokens):
+        spent, reserved = counter(key)
+        if spent + reserved + plan.reservation > budget:
+            return plan_verdict(plan, now, used, "quota_exhausted", i)
+    return plan_verdict(plan, now, used, None, 0)
 
 
 def _insert_usage(db: sqlite3.Connection, row: UsageRow) -> None:
