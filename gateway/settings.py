@@ -269,6 +269,15 @@ CONFIG: tuple[Setting, ...] = (
         "Secret (16+ characters) that `GET /metrics` requires as a bearer token; without "
         "`metrics`, no `/metrics`.",
     ),
+    Setting(
+        "metrics.maxModelLabels",
+        "integer",
+        "Distinct values of the `model` label each worker keeps; clients choose model names, "
+        'so further names count under `model="other"`.',
+        default=100,
+        low=0,
+        high=100_000,
+    ),
 )
 
 ENVIRONMENT: tuple[Setting, ...] = (

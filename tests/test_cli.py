@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -318,3 +319,16 @@ def test_check_config_warns_about_plaintext_and_counts_active_keys(runner, tmp_p
     assert "  clients.retired: no key is active now, so every call is refused" in lines
     for key in (CHAT_KEY, READONLY_KEY):
         assert key not in result.output
+
+
+def test_usage_tables_escape_control_characters(app, runner):
+    # A row stored before model names were bounded must not forge rows in the table.
+    from gateway.spend.store.base import UsageRow
+
+    forged = "gpt\r\nforged-client            1   999999\x1b[2K"
+    app.extensions["gateway.limits"].record(UsageRow(time.time(), "c", forged, 1, 2, 200))
+    result = runner.invoke(args=["usage", "--by", "model"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2 and "\x1b" not in result.output
+    assert lines[1].startswith("gpt\\r\\nforged-client")

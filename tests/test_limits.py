@@ -196,7 +196,7 @@ def _read(body, query=(), models=MODELS, max_tokens=1024, budget=False):
             "model_not_allowed",
         ),
         ({"max_tokens": 10}, [("model", "openai/o1")], "model_not_allowed"),
-        ({"model": ["openai/gpt-4o-mini"], "max_tokens": 10}, (), "model_not_allowed"),
+        ({"model": ["openai/gpt-4o-mini"], "max_tokens": 10}, (), "invalid_model"),
         (
             b'{"model": "openai/gpt-4o-mini", "model": "openai/o1", "max_tokens": 5}',
             (),
@@ -220,6 +220,113 @@ def test_models_and_ceilings_are_refused(body, query, code):
     with pytest.raises(PolicyError) as info:
         _read(body, query)
     assert info.value.code == code
+
+
+CHAT = {"model": "openai/gpt-4o-mini", "max_tokens": 10}
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "code"),
+    [
+        # The model in the one form checked, or refused (model_required).
+        ({"max_tokens": 10, "messages": []}, (), "model_required"),
+        ({"model": None, "max_tokens": 10}, (), "model_required"),
+        ({"Model": "openai/o1", "max_tokens": 10}, (), "model_required"),
+        ({**CHAT, "MODEL": "openai/o1"}, (), "model_required"),
+        ({**CHAT, "mo_del": "openai/o1"}, (), "model_required"),
+        ({"models": ["openai/gpt-4o-mini"], "max_tokens": 10}, (), "model_required"),
+        ({**CHAT, "Models": ["openai/o1"]}, (), "model_required"),
+        ({"max_tokens": 10}, [("Model", "openai/gpt-4o-mini")], "model_required"),
+        # Every model named is checked: OpenRouter's fallbacks too.
+        ({**CHAT, "models": ["openai/gpt-4o-mini", "openai/o1"]}, (), "model_not_allowed"),
+        ({**CHAT, "models": "openai/gpt-4o-mini"}, (), "invalid_model"),
+        ({**CHAT, "models": [None]}, (), "invalid_model"),
+        # A ceiling or a count spelled another way would be read by some upstream.
+        ({**CHAT, "MAX_TOKENS": 100000}, (), "max_tokens_required"),
+        ({**CHAT, "max_to\u212aens": 100000}, (), "max_tokens_required"),  # Kelvin sign
+        ({**CHAT, "N": 20}, (), "invalid_choice_count"),
+        ({**CHAT, "n": 0}, (), "invalid_choice_count"),
+        ({**CHAT, "n": 129}, (), "invalid_choice_count"),
+        ({**CHAT, "n": "2"}, (), "invalid_choice_count"),
+        ({**CHAT, "best_of": 2.0}, (), "invalid_choice_count"),
+        ({**CHAT, "generationConfig": {"CandidateCount": 8}}, (), "invalid_choice_count"),
+    ],
+)
+def test_a_call_names_its_model_and_counts_in_the_one_form_checked(body, query, code):
+    with pytest.raises(PolicyError) as info:
+        _read(body, query)
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("path", "model"),
+    [
+        ("/v1beta/models/gemini-2.5-pro:generateContent", "gemini-2.5-pro"),
+        ("/v1beta/models/gemini-2.5-pro:streamGenerateContent", "gemini-2.5-pro"),
+        ("/v1beta/models/gemini-2.5-pro%3AgenerateContent", "gemini-2.5-pro"),
+        ("/v1/projects/p/locations/l/publishers/google/models/gemini-x:rawPredict", "gemini-x"),
+        ("/openai/deployments/gpt-4o-prod/chat/completions", "gpt-4o-prod"),
+        ("/model/anthropic.claude-v2/converse-stream", "anthropic.claude-v2"),
+    ],
+)
+def test_a_model_named_in_the_path_is_checked_and_metered(path, model):
+    body = json.dumps({"generationConfig": {"maxOutputTokens": 10}, "max_tokens": 10}).encode()
+    with pytest.raises(PolicyError) as info:
+        read_call(body, (), MODELS, None, True, path=path)
+    assert info.value.code == "model_not_allowed"
+    call = read_call(body, (), (ModelPattern.compile(model),), None, True, path=path)
+    assert call.model == model
+
+
+def test_a_path_model_needs_no_body_model_but_a_body_model_is_checked_too():
+    allowed = (ModelPattern.compile("dep"),)
+    path = "/openai/deployments/dep/chat/completions"
+    assert read_call(json.dumps(CHAT).encode(), (), (), 50, False, path=path).model == "dep"
+    with pytest.raises(PolicyError) as info:
+        read_call(json.dumps(CHAT).encode(), (), allowed, None, False, path=path)
+    assert info.value.code == "model_not_allowed"
+    call = read_call(b'{"max_tokens": 5}', (), allowed, None, True, path=path)
+    assert (call.model, call.ceiling) == ("dep", 5)
+
+
+@pytest.mark.parametrize(
+    "model", ["", "x" * 257, "gpt\r\nforged", "gpt\x00", "a\u202eb", "x" * 100_000]
+)
+def test_model_names_are_bounded_for_every_client(model):
+    for models, max_tokens in ((MODELS, 1024), ((), None)):
+        for body, query in (({"model": model}, ()), ({}, [("model", model)])):
+            with pytest.raises(PolicyError) as info:
+                _read(body, query, models=models, max_tokens=max_tokens)
+            assert info.value.code == "invalid_model"
+    with pytest.raises(PolicyError) as info:
+        read_call(None, (), (), None, False, path=f"/v1beta/models/{model}:generateContent")
+    assert info.value.code == "invalid_model"
+
+
+def test_a_plain_name_of_256_characters_is_a_model():
+    assert _read({"model": "é" * 256}, models=(), max_tokens=None).model == "é" * 256
+
+
+@pytest.mark.parametrize(
+    ("fields", "reserved"),
+    [
+        ({"max_tokens": 100, "n": 5}, 500),
+        ({"max_tokens": 100, "n": 2, "best_of": 7}, 700),
+        ({"max_output_tokens": 100, "max_tokens": 30}, 100),
+        ({"generationConfig": {"maxOutputTokens": 100, "candidateCount": 4}}, 400),
+        ({"generation_config": {"max_output_tokens": 100, "candidate_count": 3}}, 300),
+        ({"inferenceConfig": {"maxTokens": 100}}, 100),
+    ],
+)
+def test_the_reservation_is_the_ceiling_for_every_answer(fields, reserved):
+    body = json.dumps({"model": "openai/gpt-4o-mini", **fields}).encode()
+    call = read_call(body, (), MODELS, None, True)
+    assert call.reservation(len(body)) == reserved + len(body)
+
+
+def test_without_rules_n_and_case_variants_are_the_upstream_s_business():
+    call = _read({**CHAT, "Model": "x", "n": 0}, models=(), max_tokens=None)
+    assert (call.model, call.count) == ("openai/gpt-4o-mini", 1)
 
 
 def test_a_star_matches_any_run_of_characters():
@@ -300,6 +407,51 @@ def test_anthropic_stream_usage_input_from_the_start_output_cumulative():
     ]
     meter = _meter("text/event-stream", events)
     assert (meter.input_tokens, meter.output_tokens) == (25, 15)
+
+
+def test_gemini_usage_from_a_stream_and_an_array():
+    chunk = {"usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 5}}
+    last = {
+        "usageMetadata": {
+            "promptTokenCount": 8,
+            "candidatesTokenCount": 20,
+            "thoughtsTokenCount": 7,
+        }
+    }
+    events = [b"data: " + json.dumps(m).encode() + b"\r\n\r\n" for m in (chunk, last)]
+    meter = _meter("text/event-stream", events)
+    assert (meter.input_tokens, meter.output_tokens) == (8, 27)
+    meter = _meter("application/json", [json.dumps([chunk, last]).encode()])
+    assert meter.tokens == 35
+
+
+def test_bedrock_converse_usage():
+    body = {"usage": {"inputTokens": 4, "outputTokens": 6, "cacheReadInputTokens": 2}}
+    assert _meter("application/json", [json.dumps(body).encode()]).tokens == 12
+
+
+@pytest.mark.parametrize(
+    ("usage", "kind"),
+    [
+        ({"prompt_tokens": 10**20, "completion_tokens": 5}, "input"),
+        ({"prompt_tokens": 10, "completion_tokens": -5}, "output"),
+        ({"prompt_tokens": 10, "completion_tokens": 2**53 + 1}, "output"),
+        ({"prompt_tokens": 10.5, "completion_tokens": 5}, "input"),
+        ({"prompt_tokens": "10", "completion_tokens": 5}, "input"),
+        ({"input_tokens": 2**53, "cache_read_input_tokens": 1, "output_tokens": 1}, "input"),
+        ({"input_tokens": 3, "output_tokens": True}, "output"),
+    ],
+)
+def test_absurd_usage_is_distrusted(usage, kind):
+    meter = _meter("application/json", [json.dumps({"usage": usage}).encode()])
+    assert meter.tokens is None and meter.distrusted == {kind}
+    assert all(v is None or 0 <= v <= 2**53 for v in (meter.input_tokens, meter.output_tokens))
+
+
+def test_a_null_cache_figure_is_no_usage_not_a_bad_one():
+    usage = {"input_tokens": 3, "cache_read_input_tokens": None, "output_tokens": 4}
+    meter = _meter("application/json", [json.dumps({"usage": usage}).encode()])
+    assert (meter.tokens, meter.distrusted) == (7, set())
 
 
 def test_a_cut_stream_reports_no_usage():

@@ -244,6 +244,29 @@ def test_usage_filled_in_by_a_pipeline_stage_is_logged_and_counted():
     assert registry.get_sample_value("gateway_tokens_total", {**labels, "kind": "input"}) == 12
 
 
+def test_max_model_labels_is_read_from_the_config():
+    raw = base_config()
+    raw["secrets"]["key"] = "${METRICS_KEY}"
+    env = {**CANARIES, "METRICS_KEY": "metrics-token-long-enough"}
+    raw["metrics"] = {"tokenRef": "key"}
+    assert parse_config(raw, env).max_model_labels == 100
+    raw["metrics"]["maxModelLabels"] = 7
+    assert parse_config(raw, env).max_model_labels == 7
+
+
+def test_the_model_label_holds_at_most_max_models_names_and_other():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_models=3)
+    observers = Observers(finished=[metrics.finished])
+    for i in range(10):
+        record = Record(f"r{i}", "1.2.3.4", "POST", observers, client="c", target="api")
+        record.model, record.input_tokens, record.status = f"model-{i % 5}", 1, 200
+        record.finish()
+    samples = [s for f in registry.collect() if f.name == "gateway_tokens" for s in f.samples]
+    models = {s.labels["model"]: s.value for s in samples if s.name == "gateway_tokens_total"}
+    assert models == {"model-0": 2, "model-1": 2, "model-2": 2, "other": 4}
+
+
 # --- client address -------------------------------------------------------------
 
 
@@ -357,6 +380,10 @@ def test_metrics_count_requests_refusals_latency_and_in_flight(client, upstream)
         (lambda c: c.update(metrics={"tokenRef": "nope"}), "metrics.tokenRef: unknown secret"),
         (lambda c: c.update(metrics={"tokenRf": "x"}), "metrics.tokenRf: unknown field; did you"),
         (lambda c: c.update(metrics="yes"), "metrics: invalid input type"),
+        (
+            lambda c: c["metrics"].update(maxModelLabels=-1),
+            "metrics.maxModelLabels: must be greater than or equal to 0",
+        ),
         (
             lambda c: c.update(metrics={"tokenRef": "openai"}, secrets={"openai": "short-1"}),
             "metrics.tokenRef: secret 'openai' is shorter than 16",

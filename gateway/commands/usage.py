@@ -46,6 +46,11 @@ def totals(rows: list[UsageRow], by: str) -> list[tuple[str, int, int, int]]:
     )
 
 
+def _printable(text: str) -> str:
+    """Return ``text`` with control characters escaped, so a name cannot forge table rows."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 @click.command("usage")
 @click.option("--since", help="From this UTC date or date-time (default: the last 30 days).")
 @click.option(
@@ -72,6 +77,7 @@ def usage(since: str | None, by: str, as_csv: bool) -> None:
         writer.writerow(header)
         writer.writerows(lines)
         return
+    lines = [(_printable(name), *rest) for name, *rest in lines]
     width = max([len(by), *(len(str(line[0])) for line in lines)])
     click.echo(f"{by:<{width}}  {'calls':>8}  {'input':>12}  {'output':>12}  {'total':>12}")
     for name, calls, inp, out, total in lines:

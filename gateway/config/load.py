@@ -50,6 +50,7 @@ class GatewayConfig:
     metrics_token: str | None = field(default=None, repr=False)  # None: no /metrics
     # Each GLOBAL setting's value as the config has it (its default if not written).
     settings: Mapping[str, Any] = field(default_factory=dict)
+    max_model_labels: int = default("metrics.maxModelLabels")  # model label values per worker
 
     def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
         """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
@@ -159,7 +160,7 @@ def _value(data: Mapping[str, Any], key: str) -> Any:
     """Return the top-level setting ``key`` (dotted below a section) or its table default."""
     *sections, name = key.split(".")
     for section in sections:
-        data = data.get(section, {})
+        data = data.get(section) or {}
     return data.get(name, default(key))
 
 
@@ -247,6 +248,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         trusted_proxies=_value(data, "trustedProxies"),
         metrics_token=metrics_token,
         settings={known.key: _value(data, known.key) for known in GLOBAL},
+        max_model_labels=_value(data, "metrics.maxModelLabels"),
     )
 
 

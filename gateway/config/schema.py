@@ -170,6 +170,7 @@ class ClientSchema(Schema):
 
 class MetricsSchema(Schema):
     tokenRef = fields.String(required=True, error_messages=_REQUIRED)
+    maxModelLabels = _integer("metrics.maxModelLabels")
 
 
 class ConfigSchema(Schema):

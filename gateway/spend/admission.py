@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import GatewayError
 from ..policy.access import Client
@@ -52,6 +53,14 @@ class Admission:
         tokens = self.meter.tokens if self.meter is not None else None
         if not sent:
             tokens = 0
+        if self.meter is not None and self.meter.distrusted:
+            kinds = " and ".join(sorted(self.meter.distrusted))
+            log.warning(
+                "%s: the upstream reported %s usage that is not a whole number from 0 to 2**53; "
+                "its call keeps the whole reservation (if any)",
+                self.client.label,
+                kinds,
+            )
         if self.store is None:
             return
         row = None
@@ -94,7 +103,8 @@ def admit(
         if limits
     )
     budgeted = any(limits.tokens for _, limits in scopes)
-    llm = read_call(body, query, client.models, client.max_tokens, budgeted, parsed)
+    upstream_path = urlsplit(target.base_url).path + path  # where path-named models are read
+    llm = read_call(body, query, client.models, client.max_tokens, budgeted, parsed, upstream_path)
     admission = Admission(client, store if scopes or llm.model else None, llm)
     if llm.model is not None and budgeted and target.inject_usage:
         admission.body = with_usage_requested(llm, path)
