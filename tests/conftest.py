@@ -102,3 +102,11 @@ def gateway(fake_upstream, tmp_path_factory, page_origin):
     for key in [k for k in config["clients"] if "keys" not in config["clients"][k]] + LIVE_KEYS:
         assert key not in log, "a client key reached the gateway's log"
     assert [line["request_id"] for line in live.access_lines()], "no access lines were written"
+
+
+@pytest.fixture(scope="module")
+def workers(gateway):
+    """The live gateway's worker pids; the module fails if a worker died or was restarted."""
+    before = gateway.worker_pids()
+    yield before
+    assert gateway.worker_pids() == before, "a worker died or was restarted"

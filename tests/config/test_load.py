@@ -17,7 +17,8 @@ from gateway.config.load import parse_config
 from gateway.config.source import hand_over, load_config, read_config
 from gateway.errors import ConfigError, PolicyError
 
-from ..support import CANARIES, CHAT_KEY, base_config, write_config
+from ..live_gateway import LiveGateway
+from ..support import CANARIES, CHAT_KEY, assert_no_canary, base_config, write_config
 
 
 def problems_of(raw, env=None) -> list[str]:
@@ -427,3 +428,19 @@ def test_a_descriptor_without_a_handed_over_config_is_refused():
     assert caught.value.problems == [
         f"GATEWAY_CHECKED_CONFIG_FD: file descriptor {fd} holds no config checked by gunicorn"
     ]
+
+
+def test_invalid_config_refuses_to_start(tmp_path):
+    raw = base_config()
+    raw["clients"][CHAT_KEY]["allowedPaths"] = []
+    raw["secrets"]["extra"] = "${NOT_SET_FOR_THIS_TEST}"
+    live = LiveGateway(write_config(tmp_path / "bad.yaml", raw), CANARIES, tmp_path / "log")
+    with pytest.raises(RuntimeError, match="gunicorn exited early"):
+        live.start()
+    live.stop()
+    assert live.process.returncode == 1
+    log = live.log_text()
+    assert 'allowedPaths: must not be empty; write ["/**"]' in log
+    assert "environment variable NOT_SET_FOR_THIS_TEST is not set" in log
+    assert "Traceback" not in log
+    assert_no_canary(log)

@@ -438,3 +438,26 @@ def test_workers_after_a_refused_hup_keep_the_old_config_and_after_an_accepted_o
         assert "config_invalid" not in live.log_text()
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"Bearer {CHAT_KEY}",  # no colon: gunicorn names the whole line in its warning
+        f": Bearer {CHAT_KEY}",
+        f"Authori zation: Bearer {CHAT_KEY}",
+    ],
+)
+def test_a_malformed_header_line_never_puts_a_key_in_the_log(gateway, line):
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(f"GET /proxy/models HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode())
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400")
+    marker = f"marker-{time.monotonic_ns()}"
+    requests.get(f"{gateway.url}/health", headers={"X-Request-ID": marker}, timeout=10)
+    deadline = time.monotonic() + 5
+    while marker not in gateway.log_text():  # the log is written up to our marker
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "Invalid request from ip=127.0.0.1" in gateway.log_text()
+    assert CHAT_KEY not in gateway.log_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from gateway.errors import PolicyError
@@ -147,3 +149,61 @@ def test_origins_are_exact():
     assert not client.allows_origin("https://app.example.com.evil.test")
     assert not client.allows_origin("http://app.example.com")
     assert not client.allows_origin("null")
+
+
+def _reference_match(pattern, parts) -> bool:
+    """The old recursive matcher: exponential, but obviously right."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_reference_match(rest, parts[i:]) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    if head == "*":
+        return parts[0] != "" and _reference_match(rest, parts[1:])
+    return head == parts[0] and _reference_match(rest, parts[1:])
+
+
+def test_redundant_double_stars_are_refused_in_config():
+    for text in ("/**/**", "/a/**/**/z", "/**/**/**/**/z"):
+        with pytest.raises(ValueError, match="write \\*\\* once"):
+            PathPattern.compile(text)
+
+
+def test_a_200_segment_path_is_matched_in_linear_time():
+    pattern = PathPattern.compile("/**/a/**/a/**/a/**/a/**/a/**/z")
+    path = "/" + "/".join(["a"] * 200) + "/y"
+    started = time.monotonic()
+    assert not pattern.matches(path)
+    assert time.monotonic() - started < 1  # the recursive matcher took minutes here
+
+
+def test_the_linear_matcher_agrees_with_the_reference_on_generated_cases():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    segment = st.sampled_from(["a", "b", "*", "**", ""])
+
+    @given(
+        pattern=st.lists(segment, min_size=1, max_size=6),
+        parts=st.lists(st.sampled_from(["a", "b", ""]), max_size=8),
+    )
+    @settings(max_examples=2000, deadline=None)
+    def check(pattern, parts):
+        pattern = [
+            p for i, p in enumerate(pattern) if not (p == "**" and pattern[i - 1 : i] == ["**"])
+        ]
+        if "" in pattern[:-1]:
+            return
+        compiled = PathPattern("/" + "/".join(pattern), tuple(pattern))
+        path = "/" + "/".join(parts)
+        assert compiled.matches(path) == _reference_match(tuple(pattern), path.split("/")[1:])
+
+    check()
+
+
+@pytest.mark.parametrize("raw", ["/a/..%20/b", "/a/x./b", "/a/x.", "/a/%20", "/files/x%20"])
+def test_segments_ending_in_a_dot_or_space_are_refused(raw):
+    with pytest.raises(PolicyError):
+        normalize_path(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
@@ -334,3 +335,44 @@ def test_logs_name_the_client_never_the_key(client, upstream, caplog):
     assert "chat-app: upstream api" in text  # the upstream failure names the client too
     for key in (*ALL_KEYS, "ck-unknown-key-0123456789", HASH[7:]):
         assert key not in text
+
+
+@pytest.mark.parametrize("key", [NAMED_KEY, NEXT_KEY])
+def test_a_hashed_key_opens_its_named_client_and_the_secret_arrives(gateway, fake_upstream, key):
+    response = requests.post(
+        gateway.url + "/proxy/chat/completions",
+        json={"model": "m"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    seen = fake_upstream.last("/v1/chat/completions")
+    assert seen.headers["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
+    assert key not in str(seen.headers) + seen.body.decode()
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [
+        (EXPIRED_KEY, "expired_client_key"),
+        (EARLY_KEY, "invalid_client_key"),
+        (key_item(NAMED_KEY), "invalid_client_key"),
+        (key_item(NAMED_KEY)[7:], "invalid_client_key"),
+    ],
+)
+def test_expired_early_and_hash_keys_get_401_under_gunicorn(gateway, fake_upstream, key, code):
+    before = len(fake_upstream.seen)
+    response = requests.post(
+        gateway.url + "/proxy/chat/completions",
+        json={"model": "m"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert response.status_code == 401
+    assert response.json()["error"] == code
+    assert len(fake_upstream.seen) == before
+    if code == "expired_client_key":
+        deadline = time.monotonic() + 5
+        while "chat-app: a client key that expired at" not in gateway.log_text():
+            assert time.monotonic() < deadline, "the expired key's use was not logged"
+            time.sleep(0.05)
