@@ -116,18 +116,18 @@ def pages(page_origin):
     other.shutdown()
 
 
-def test_browser_envelope_stream_and_blocked_origin(browser, pages, gateway, fake_upstream):
+def test_browser_envelope_stream_and_blocked_origin(browser, pages, live_gateway, fake_upstream):
     allowed_origin, other_origin = pages
     page = browser.new_page()
     page.goto(allowed_origin + "/")
 
-    result = page.evaluate("([g, k]) => envelope(g, k)", [gateway.url, BROWSER_KEY])
+    result = page.evaluate("([g, k]) => envelope(g, k)", [live_gateway.url, BROWSER_KEY])
     assert result["status"] == 200
     assert result["body"]["choices"][0]["message"]["content"] == "Hello from the fake upstream"
     assert result["requestId"] == "req-openai"  # readable only through Expose-Headers
 
     # The upstream sends event i+1 only after the page has recorded event i.
-    page.evaluate("([g, k]) => { window.done = stream(g, k); }", [gateway.url, BROWSER_KEY])
+    page.evaluate("([g, k]) => { window.done = stream(g, k); }", [live_gateway.url, BROWSER_KEY])
     for count in range(1, 5):
         page.wait_for_function(f"window.events.length >= {count}", timeout=10_000)
         fake_upstream.release.release()
@@ -136,12 +136,14 @@ def test_browser_envelope_stream_and_blocked_origin(browser, pages, gateway, fak
     before = len(fake_upstream.seen)
     other = browser.new_page()
     other.goto(other_origin + "/")
-    outcome = other.evaluate("([g, k]) => attempt(g, k)", [gateway.url, BROWSER_KEY])
+    outcome = other.evaluate("([g, k]) => attempt(g, k)", [live_gateway.url, BROWSER_KEY])
     assert outcome == "blocked: TypeError"
     assert len(fake_upstream.seen) == before  # the preflight stopped it before any upstream call
 
 
-def test_a_refusal_is_readable_by_a_page_some_client_allows(browser, pages, gateway, fake_upstream):
+def test_a_refusal_is_readable_by_a_page_some_client_allows(
+    browser, pages, live_gateway, fake_upstream
+):
     allowed_origin, _ = pages
     page = browser.new_page()
     page.goto(allowed_origin + "/")
@@ -155,16 +157,16 @@ def test_a_refusal_is_readable_by_a_page_some_client_allows(browser, pages, gate
             body: JSON.stringify({path: "/models"})});
           return {status: r.status, body: await r.json()};
         }""",
-        [gateway.url, CHAT_KEY],
+        [live_gateway.url, CHAT_KEY],
     )
     assert outcome["status"] == 403
     assert outcome["body"]["error"] == "origin_not_allowed"
     assert len(fake_upstream.seen) == before
 
 
-def test_docs_try_it_out_calls_through_the_gateway(browser, gateway, fake_upstream):
+def test_docs_try_it_out_calls_through_the_gateway(browser, live_gateway, fake_upstream):
     page = browser.new_page()
-    page.goto(gateway.url + "/docs")
+    page.goto(live_gateway.url + "/docs")
     page.click("button.authorize")
     page.fill(".modal-ux input[type=text]", DOCS_KEY)
     page.click(".modal-ux button.authorize")

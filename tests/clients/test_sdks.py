@@ -10,14 +10,14 @@ from ..support import ANTHROPIC_KEY, CANARIES, CHAT_KEY, READONLY_KEY
 
 
 @pytest.fixture
-def openai_client(gateway):
-    return openai.OpenAI(base_url=gateway.url + "/proxy", api_key=CHAT_KEY, max_retries=0)
+def openai_client(live_gateway):
+    return openai.OpenAI(base_url=live_gateway.url + "/proxy", api_key=CHAT_KEY, max_retries=0)
 
 
 @pytest.fixture
-def anthropic_client(gateway):
+def anthropic_client(live_gateway):
     return anthropic.Anthropic(
-        base_url=gateway.url + "/proxy", api_key=ANTHROPIC_KEY, max_retries=0
+        base_url=live_gateway.url + "/proxy", api_key=ANTHROPIC_KEY, max_retries=0
     )
 
 
@@ -59,15 +59,17 @@ def test_openai_disallowed_path_raises_permission_denied(openai_client):
     assert info.value.response.json()["error"] == "path_not_allowed"
 
 
-def test_openai_disallowed_method_raises_permission_denied(gateway):
-    client = openai.OpenAI(base_url=gateway.url + "/proxy", api_key=READONLY_KEY, max_retries=0)
+def test_openai_disallowed_method_raises_permission_denied(live_gateway):
+    client = openai.OpenAI(
+        base_url=live_gateway.url + "/proxy", api_key=READONLY_KEY, max_retries=0
+    )
     with pytest.raises(openai.PermissionDeniedError) as info:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert info.value.response.json()["error"] == "method_not_allowed"
 
 
-def test_openai_unknown_key_raises_authentication_error(gateway):
-    client = openai.OpenAI(base_url=gateway.url + "/proxy", api_key="ck-wrong", max_retries=0)
+def test_openai_unknown_key_raises_authentication_error(live_gateway):
+    client = openai.OpenAI(base_url=live_gateway.url + "/proxy", api_key="ck-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
 

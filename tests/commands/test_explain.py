@@ -28,7 +28,7 @@ def explain(runner, *args):
 
 
 def test_a_forwarded_request_shows_client_pattern_upstream_and_masked_secrets(
-    runner, upstream, tmp_path
+    runner, mocked_upstream, tmp_path
 ):
     body = tmp_path / "body.json"
     body.write_text('{"model": "m"}')
@@ -50,10 +50,10 @@ def test_a_forwarded_request_shows_client_pattern_upstream_and_masked_secrets(
     for value in CANARIES.values():
         assert value not in result.output
     assert NAMED_KEY not in result.output
-    assert len(upstream.calls) == 0  # nothing was sent
+    assert len(mocked_upstream.calls) == 0  # nothing was sent
 
 
-def test_every_secret_header_is_masked(runner, upstream):
+def test_every_secret_header_is_masked(runner, mocked_upstream):
     result = explain(runner, "--key", CHAT_KEY, "GET", "/proxy/models")
     assert result.exit_code == 0, result.output
     assert re.search(r"^  Authorization: \(secret: set, \d+ characters\)$", result.output, re.M)
@@ -85,21 +85,21 @@ def test_every_secret_header_is_masked(runner, upstream):
         (["--key", CHAT_KEY, "GET", "/nowhere"], "refused: 404 not_found"),
     ],
 )
-def test_a_refused_request_says_the_code_and_exits_1(runner, upstream, args, decision):
+def test_a_refused_request_says_the_code_and_exits_1(runner, mocked_upstream, args, decision):
     result = explain(runner, *args)
     assert result.exit_code == 1, result.output
     assert f"decision: {decision}" in result.output
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0
 
 
-def test_a_refused_request_after_the_key_still_names_the_client(runner, upstream):
+def test_a_refused_request_after_the_key_still_names_the_client(runner, mocked_upstream):
     result = explain(runner, "--key", NAMED_KEY, "GET", "/proxy/chat/completions")
     assert result.exit_code == 1
     assert "client: chat-app" in result.output.splitlines()
     assert "decision: refused: 403 method_not_allowed" in result.output
 
 
-def test_the_envelope_is_explained_from_the_body(runner, upstream, tmp_path):
+def test_the_envelope_is_explained_from_the_body(runner, mocked_upstream, tmp_path):
     envelope = tmp_path / "envelope.json"
     envelope.write_text(
         json.dumps({"method": "GET", "path": "/models/gpt", "query": {"a": [1, 2]}})
@@ -110,7 +110,7 @@ def test_the_envelope_is_explained_from_the_body(runner, upstream, tmp_path):
     assert f"upstream: GET {UPSTREAM}/models/gpt?a=1&a=2" in result.output
 
 
-def test_a_preflight_is_answered_by_the_gateway(runner, upstream):
+def test_a_preflight_is_answered_by_the_gateway(runner, mocked_upstream):
     result = explain(
         runner, "--origin", APP_ORIGIN, "-H", "Access-Control-Request-Method: POST",
         "OPTIONS", "/proxy/chat/completions",
@@ -181,7 +181,7 @@ def test_explain_agrees_with_the_live_request(app, runner, method, path, headers
         assert f"decision: refused: {live.status_code} {error}:" in result.output
 
 
-def test_explain_shows_the_limits_and_never_spends_them(config_dict, tmp_path, upstream):
+def test_explain_shows_the_limits_and_never_spends_them(config_dict, tmp_path, mocked_upstream):
     from gateway import create_app
 
     from ..support import write_config
@@ -208,7 +208,7 @@ def test_explain_shows_the_limits_and_never_spends_them(config_dict, tmp_path, u
         runner, "--key", NAMED_KEY, "--body", str(body), "POST", "/proxy/chat/completions"
     )
     assert refused.exit_code == 1 and "max_tokens_not_allowed" in refused.output
-    upstream.get(UPSTREAM + "/models", body="{}")
+    mocked_upstream.get(UPSTREAM + "/models", body="{}")
     client = app.test_client()
     auth = {"Authorization": f"Bearer {NAMED_KEY}"}
     assert [client.get("/proxy/models", headers=auth).status_code for _ in range(3)] == [
@@ -218,13 +218,13 @@ def test_explain_shows_the_limits_and_never_spends_them(config_dict, tmp_path, u
     ]
 
 
-def test_a_live_request_builds_no_explain_note(client, upstream, monkeypatch):
+def test_a_live_request_builds_no_explain_note(client, mocked_upstream, monkeypatch):
     def never(*args):
         raise AssertionError("an explain note was built on a live request")
 
     monkeypatch.setattr(explain_command, "_notes", never)
     monkeypatch.setattr(explain_command.Explanation, "around", never)
     monkeypatch.setattr(explain_command, "DryStore", never)
-    upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json={"id": "x"})
+    mocked_upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json={"id": "x"})
     answer = client.post("/proxy/chat/completions", json={"model": "m"}, headers=NAMED_AUTH)
     assert answer.status_code == 200

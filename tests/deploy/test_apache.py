@@ -130,14 +130,7 @@ def _restart(app: Path, when: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    server = FakeUpstream().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def site(upstream):
+def site(module_fake_upstream):
     apache = need("apache2", "apache2")
     need(str(MODULES / "mod_passenger.so"), "libapache2-mod-passenger")
     need(SYSTEM_PYTHON, "python3")
@@ -153,8 +146,8 @@ def site(upstream):
     run.mkdir()
     site_root.mkdir()
     (site_root / "page.txt").write_text("An existing page of the site. " * 50)
-    app = _app(root / "gateway", upstream)
-    subpath_app = _app(root / "gateway-subpath", upstream)
+    app = _app(root / "gateway", module_fake_upstream)
+    subpath_app = _app(root / "gateway-subpath", module_fake_upstream)
     port, site_port = free_port(), free_port()
 
     users = {"PassengerUser gateway": f"PassengerUser {APP_USER}"}
@@ -196,7 +189,7 @@ def site(upstream):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_health_and_an_envelope_call(site, upstream):
+def test_health_and_an_envelope_call(site, module_fake_upstream):
     assert requests.get(site.url + "/health", timeout=30).json() == {"ok": True}
     answer = requests.post(
         site.url + "/proxy",
@@ -207,7 +200,7 @@ def test_health_and_an_envelope_call(site, upstream):
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "Hello from the fake upstream"
     # The secret came from the app's .env (mode 600): readable only as its owner.
-    seen = upstream.last("/v1/chat/completions")
+    seen = module_fake_upstream.last("/v1/chat/completions")
     assert seen.headers["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
     assert_no_canary(answer.content + str(answer.headers).encode())
 
@@ -222,7 +215,7 @@ def test_the_app_runs_as_its_owner_not_as_apache(site):
     assert owners == {APP_USER}
 
 
-def test_streams_arrive_event_by_event_with_compression_on(site, upstream):
+def test_streams_arrive_event_by_event_with_compression_on(site, module_fake_upstream):
     # The server compresses what it may: a plain page of the other site comes gzipped.
     page = requests.get(site.site_url + "/page.txt", timeout=10)
     assert page.headers.get("Content-Encoding") == "gzip"
@@ -240,26 +233,26 @@ def test_streams_arrive_event_by_event_with_compression_on(site, upstream):
             words.append(chunk.choices[0].delta.content)
             gaps.append(time.monotonic() - last)
             last = time.monotonic()
-            upstream.release.release()
+            module_fake_upstream.release.release()
     assert words == ["Hello", " from", " the", " fake", " upstream"]
     assert stream.response.headers.get("Content-Encoding") is None
     assert max(gaps) < 5, gaps
 
 
-def test_the_sub_path_mount(site, upstream):
+def test_the_sub_path_mount(site, module_fake_upstream):
     assert requests.get(site.site_url + "/gateway/health", timeout=30).json() == {"ok": True}
     auth = {"Authorization": f"Bearer {CHAT_KEY}"}
     answer = requests.get(site.site_url + "/gateway/proxy/files/echo?x=1", headers=auth, timeout=10)
     assert answer.status_code == 200, answer.text
-    assert upstream.last("/v1/files/echo").query == "x=1"
+    assert module_fake_upstream.last("/v1/files/echo").query == "x=1"
     # Apache resolves "%2e%2e" before the app sees the path: the policy judges the
     # resolved path (/admin, outside this key's /files/**) and nothing is forwarded.
-    before = len(upstream.seen)
+    before = len(module_fake_upstream.seen)
     refused = requests.get(
         site.site_url + "/gateway/proxy/files/%2e%2e/admin", headers=auth, timeout=10
     )
     assert (refused.status_code, refused.json()["error"]) == (403, "path_not_allowed")
-    assert len(upstream.seen) == before
+    assert len(module_fake_upstream.seen) == before
 
 
 def test_a_broken_config_answers_json_not_an_html_page(site):

@@ -15,7 +15,6 @@ import pytest
 import requests
 
 from ..deploy_support import need, read_lockstep, readme_block, stop, substitute, wait_for
-from ..fake_upstream import FakeUpstream
 from ..live_gateway import LiveGateway, free_port
 from ..support import CANARIES, CHAT_KEY, base_config, write_config
 
@@ -49,17 +48,10 @@ AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    server = FakeUpstream().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(upstream, tmp_path_factory):
+def gateway_behind_nginx(module_fake_upstream, tmp_path_factory):
     folder = tmp_path_factory.mktemp("nginx-gateway")
     # nginx is the one proxy in front: believe the hop it adds to X-Forwarded-For.
-    raw = {**base_config(upstream.url + "/v1"), "trustedProxies": 1}
+    raw = {**base_config(module_fake_upstream.url + "/v1"), "trustedProxies": 1}
     config = write_config(folder / "config.yaml", raw)
     # One worker: enough behind nginx, and up as soon as it answers.
     live = LiveGateway(config, CANARIES, folder / "gunicorn.log", workers=1).start()
@@ -68,14 +60,14 @@ def gateway(upstream, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def nginx(gateway):
+def nginx(gateway_behind_nginx):
     binary = need("nginx", "nginx")
     # nginx's workers run as nobody when started as root: keep their files reachable.
     run = Path(tempfile.mkdtemp(prefix="gateway-nginx-"))
     run.chmod(0o755)
     port, buffering_port = free_port(), free_port()
     block = substitute(
-        readme_block("# nginx site:"), {"127.0.0.1:8787": f"127.0.0.1:{gateway.port}"}
+        readme_block("# nginx site:"), {"127.0.0.1:8787": f"127.0.0.1:{gateway_behind_nginx.port}"}
     )
     (run / "gateway.conf").write_text(
         substitute(block, {"listen 80;": f"listen 127.0.0.1:{port};"})
@@ -110,7 +102,7 @@ def nginx(gateway):
         shutil.rmtree(run, ignore_errors=True)
 
 
-def test_health_and_an_envelope_call(nginx, upstream):
+def test_health_and_an_envelope_call(nginx, module_fake_upstream):
     nginx, _ = nginx
     assert requests.get(nginx + "/health", timeout=10).json() == {"ok": True}
     answer = requests.post(
@@ -120,24 +112,29 @@ def test_health_and_an_envelope_call(nginx, upstream):
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
-    assert upstream.last("/v1/chat/completions").headers["Authorization"] == (
+    assert module_fake_upstream.last("/v1/chat/completions").headers["Authorization"] == (
         "Bearer " + CANARIES["CANARY_OPENAI"]
     )
 
 
-def test_events_arrive_as_sent_with_gzip_on(nginx, upstream):
+def test_events_arrive_as_sent_with_gzip_on(nginx, module_fake_upstream):
     nginx, _ = nginx
     # "lockstep": the upstream sends an event only after the client got the last one,
     # so any buffering deadlocks and the read times out.
     response = requests.get(
         nginx + "/proxy/files/sse-lockstep?events=4", headers=AUTH, stream=True, timeout=5
     )
-    assert read_lockstep(response, upstream) == [b"data: 0", b"data: 1", b"data: 2", b"data: 3"]
+    assert read_lockstep(response, module_fake_upstream) == [
+        b"data: 0",
+        b"data: 1",
+        b"data: 2",
+        b"data: 3",
+    ]
     # The block's `gzip off` wins over the http level's `gzip on`: bytes pass as sent.
     assert response.headers.get("Content-Encoding") is None
 
 
-def test_the_access_log_shows_the_callers_address_not_nginxs(nginx, gateway):
+def test_the_access_log_shows_the_callers_address_not_nginxs(nginx, gateway_behind_nginx):
     nginx, _ = nginx
     host, port = nginx.removeprefix("http://").split(":")
     # The caller on 127.0.0.2, so its address differs from nginx's own (127.0.0.1),
@@ -149,12 +146,14 @@ def test_the_access_log_shows_the_callers_address_not_nginxs(nginx, gateway):
     answer = connection.getresponse()
     assert answer.status == 200 and answer.getheader("X-Gateway-Request-Id") == "via-nginx-1"
     connection.close()
-    assert gateway.access_line("via-nginx-1")["remote"] == "127.0.0.2"
+    assert gateway_behind_nginx.access_line("via-nginx-1")["remote"] == "127.0.0.2"
 
 
-def test_the_gateway_keeps_events_flowing_where_the_location_buffers_and_gzips(nginx, upstream):
+def test_the_gateway_keeps_events_flowing_where_the_location_buffers_and_gzips(
+    nginx, module_fake_upstream
+):
     _, buffered = nginx
     response = requests.get(
         buffered + "/proxy/files/sse-lockstep?events=3", headers=AUTH, stream=True, timeout=5
     )
-    assert read_lockstep(response, upstream) == [b"data: 0", b"data: 1", b"data: 2"]
+    assert read_lockstep(response, module_fake_upstream) == [b"data: 0", b"data: 1", b"data: 2"]

@@ -11,7 +11,7 @@ from ..support import CHAT_KEY, UPSTREAM
 
 
 @pytest.mark.parametrize(
-    ("upstream", "cache_control"),
+    ("upstream_headers", "cache_control"),
     [
         ([("Content-Type", "text/event-stream")], "no-transform"),
         ([("Content-Type", "text/event-stream; charset=utf-8")], "no-transform"),
@@ -33,8 +33,10 @@ from ..support import CHAT_KEY, UPSTREAM
         ),
     ],
 )
-def test_event_streams_ask_proxies_not_to_buffer_or_transform(upstream, cache_control):
-    headers = response_headers([*upstream, ("X-Accel-Buffering", "yes"), ("X-Request-Id", "r1")])
+def test_event_streams_ask_proxies_not_to_buffer_or_transform(upstream_headers, cache_control):
+    headers = response_headers(
+        [*upstream_headers, ("X-Accel-Buffering", "yes"), ("X-Request-Id", "r1")]
+    )
     names = [name.lower() for name, _ in headers]
     assert names.count("cache-control") == 1 and names.count("x-accel-buffering") == 1
     values = {name.lower(): value for name, value in headers}
@@ -44,15 +46,15 @@ def test_event_streams_ask_proxies_not_to_buffer_or_transform(upstream, cache_co
 
 
 @pytest.mark.parametrize(
-    "upstream",
+    "upstream_headers",
     [
         [("Content-Type", "application/json"), ("Cache-Control", "max-age=60")],
         [("Content-Type", "text/plain"), ("X-Accel-Buffering", "yes")],
         [],
     ],
 )
-def test_other_answers_keep_their_headers(upstream):
-    assert response_headers(upstream) == upstream
+def test_other_answers_keep_their_headers(upstream_headers):
+    assert response_headers(upstream_headers) == upstream_headers
 
 
 def test_a_live_stream_carries_the_headers(client):

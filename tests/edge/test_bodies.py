@@ -61,14 +61,14 @@ def _gen(total: int, piece: int = 1024 * 1024):
 
 @pytest.mark.parametrize("target", [ENVELOPE_TARGET, TRANSPARENT_TARGET])
 def test_a_chunked_body_over_the_limit_gets_413_and_nothing_is_forwarded(
-    gateway, fake_upstream, target
+    live_gateway, fake_upstream, target
 ):
     before = len(fake_upstream.seen)
     # 10 MiB of spaces then a little more: valid JSON if it were cut at the limit.
     body = _gen(10 * 1024 * 1024 + 4096)
     try:
         response = requests.post(
-            gateway.url + target,
+            live_gateway.url + target,
             data=body,
             headers={**AUTH, "Content-Type": "application/json"},
             timeout=30,
@@ -81,11 +81,13 @@ def test_a_chunked_body_over_the_limit_gets_413_and_nothing_is_forwarded(
     assert len(fake_upstream.seen) == before
 
 
-def test_a_client_trickling_its_body_meets_a_deadline_for_the_whole_body(gateway, fake_upstream):
+def test_a_client_trickling_its_body_meets_a_deadline_for_the_whole_body(
+    live_gateway, fake_upstream
+):
     # bodyTimeoutMs is 2000 in the live config. One byte every 0.5 s would never trip
     # a timeout that restarts on every byte.
     before = len(fake_upstream.seen)
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=15) as sock:
+    with socket.create_connection(("127.0.0.1", live_gateway.port), timeout=15) as sock:
         sock.sendall(
             _head(TRANSPARENT_TARGET, b"Authorization: Bearer " + CHAT_KEY.encode())
             + b"Content-Length: 100\r\n\r\n"
@@ -120,10 +122,10 @@ def test_a_client_trickling_its_body_meets_a_deadline_for_the_whole_body(gateway
     ],
     ids=["0x-size", "plus-size", "missing-crlf", "authorization-trailer"],
 )
-def test_broken_chunk_framing_is_a_client_error(gateway, fake_upstream, target, framing):
+def test_broken_chunk_framing_is_a_client_error(live_gateway, fake_upstream, target, framing):
     before = len(fake_upstream.seen)
     answer = _raw(
-        gateway,
+        live_gateway,
         _head(target, b"Authorization: Bearer " + CHAT_KEY.encode())
         + b"Transfer-Encoding: chunked\r\n\r\n"
         + framing,
@@ -134,10 +136,10 @@ def test_broken_chunk_framing_is_a_client_error(gateway, fake_upstream, target, 
     assert len(fake_upstream.seen) == before
 
 
-def test_a_client_that_stops_reading_is_dropped_and_frees_the_upstream(gateway, fake_upstream):
+def test_a_client_that_stops_reading_is_dropped_and_frees_the_upstream(live_gateway, fake_upstream):
     # writeTimeoutMs is 3000 in the live config.
     response = requests.get(
-        gateway.url + "/proxy/files/big?bytes=500000000", headers=AUTH, stream=True, timeout=10
+        live_gateway.url + "/proxy/files/big?bytes=500000000", headers=AUTH, stream=True, timeout=10
     )
     assert response.status_code == 200
     seen = fake_upstream.last("/v1/files/big")
@@ -178,7 +180,7 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_the_upstream(gateway, 
     ],
 )
 def test_oversized_or_unsendable_envelopes_get_400_naming_the_field(
-    client, upstream, envelope, field
+    client, mocked_upstream, envelope, field
 ):
     started = time.monotonic()
     response = client.post("/proxy", json=envelope, headers=AUTH)
@@ -191,7 +193,9 @@ def test_oversized_or_unsendable_envelopes_get_400_naming_the_field(
 @pytest.mark.parametrize(
     "value", ["\u0100", "a\u2028b", " leading", "trailing ", "\ud800", "a\x7fb", "a\x01b"]
 )
-def test_header_values_the_wire_cannot_carry_get_400_naming_the_header(client, upstream, value):
+def test_header_values_the_wire_cannot_carry_get_400_naming_the_header(
+    client, mocked_upstream, value
+):
     response = client.post(
         "/proxy", json={"path": "/models", "headers": {"X-Thing": value}}, headers=AUTH
     )
@@ -201,19 +205,19 @@ def test_header_values_the_wire_cannot_carry_get_400_naming_the_header(client, u
 
 
 @pytest.mark.parametrize("number", ["1e99999", "-1e99999", "1.5e400"])
-def test_numbers_json_cannot_hold_are_refused(client, upstream, number):
+def test_numbers_json_cannot_hold_are_refused(client, mocked_upstream, number):
     data = '{"path": "/chat/completions", "method": "POST", "body": {"n": ' + number + "}}"
     response = client.post("/proxy", data=data, content_type="application/json", headers=AUTH)
     assert response.status_code == 400
     assert response.get_json()["error"] == "invalid_json"
 
 
-def test_large_whole_numbers_pass_exactly(client, upstream):
-    upstream.post(UPSTREAM + "/chat/completions", body="{}")
+def test_large_whole_numbers_pass_exactly(client, mocked_upstream):
+    mocked_upstream.post(UPSTREAM + "/chat/completions", body="{}")
     data = '{"path": "/chat/completions", "method": "POST", "body": {"n": 1' + "0" * 400 + "}}"
     response = client.post("/proxy", data=data, content_type="application/json", headers=AUTH)
     assert response.status_code == 200
-    assert upstream.calls[0].request.body == b'{"n":1' + b"0" * 400 + b"}"
+    assert mocked_upstream.calls[0].request.body == b'{"n":1' + b"0" * 400 + b"}"
 
 
 # --- headers that change what the upstream does -------------------------------------
@@ -223,7 +227,7 @@ def test_large_whole_numbers_pass_exactly(client, upstream):
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
-def test_a_body_on_a_bodiless_method_is_refused_in_both_modes(client, upstream, method):
+def test_a_body_on_a_bodiless_method_is_refused_in_both_modes(client, mocked_upstream, method):
     envelope = client.post(
         "/proxy", json={"method": method, "path": "/models", "body": {"x": 1}}, headers=RAPID
     )
@@ -235,7 +239,9 @@ def test_a_body_on_a_bodiless_method_is_refused_in_both_modes(client, upstream, 
 # --- path patterns and paths ------------------------------------------------------------
 
 
-def test_envelope_over_the_limit_gets_413_and_nothing_forwarded(tmp_path, config_dict, upstream):
+def test_envelope_over_the_limit_gets_413_and_nothing_forwarded(
+    tmp_path, config_dict, mocked_upstream
+):
     from gateway import create_app
 
     from ..support import write_config
@@ -249,4 +255,4 @@ def test_envelope_over_the_limit_gets_413_and_nothing_forwarded(tmp_path, config
     )
     response = envelope(app.test_client(), {"path": "/chat/completions", "body": "x" * 4096})
     assert_error(response, 413, "request_too_large")
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0

@@ -13,9 +13,11 @@ from ..support import AUTH, CHAT_KEY
 pytestmark = pytest.mark.slow
 
 
-def test_client_leaving_mid_stream_closes_the_upstream_within_2_s(gateway, fake_upstream, workers):
+def test_client_leaving_mid_stream_closes_the_upstream_within_2_s(
+    live_gateway, fake_upstream, live_workers
+):
     response = requests.get(
-        gateway.url + "/proxy/files/sse?events=400&interval=0.05",
+        live_gateway.url + "/proxy/files/sse?events=400&interval=0.05",
         headers=AUTH,
         stream=True,
         timeout=10,
@@ -26,10 +28,10 @@ def test_client_leaving_mid_stream_closes_the_upstream_within_2_s(gateway, fake_
     assert seen.closed.wait(2), "the upstream was still streaming 2 s after the client left"
 
 
-def test_client_sending_its_body_too_slowly_gets_408(gateway, fake_upstream, workers):
+def test_client_sending_its_body_too_slowly_gets_408(live_gateway, fake_upstream, live_workers):
     # bodyTimeoutMs is 2000 in the live config; this client sends 10 of 1000 bytes.
     before = len(fake_upstream.seen)
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", live_gateway.port), timeout=10) as sock:
         sock.sendall(
             b"POST /proxy/chat/completions HTTP/1.1\r\nHost: x\r\n"
             b"Authorization: Bearer " + CHAT_KEY.encode() + b"\r\n"

@@ -29,7 +29,7 @@ def preflight(client, path, origin, headers="authorization,content-type,x-stainl
 
 
 @pytest.mark.parametrize("path", ["/proxy", "/proxy/chat/completions"])
-def test_preflight_from_an_allowed_origin_needs_no_key(client, upstream, path):
+def test_preflight_from_an_allowed_origin_needs_no_key(client, mocked_upstream, path):
     response = preflight(client, path, APP_ORIGIN)
     assert response.status_code == 204
     assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
@@ -41,7 +41,7 @@ def test_preflight_from_an_allowed_origin_needs_no_key(client, upstream, path):
     assert "*" not in allowed
     assert int(response.headers["Access-Control-Max-Age"]) > 0
     assert "Origin" in response.headers["Vary"]
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0
 
 
 @pytest.mark.parametrize(
@@ -53,11 +53,11 @@ def test_preflight_from_an_allowed_origin_needs_no_key(client, upstream, path):
         "null",
     ],
 )
-def test_preflight_from_another_origin_gets_no_cors_headers(client, upstream, origin):
+def test_preflight_from_another_origin_gets_no_cors_headers(client, mocked_upstream, origin):
     response = preflight(client, "/proxy/chat/completions", origin)
     assert "Access-Control-Allow-Origin" not in response.headers
     assert "Access-Control-Allow-Headers" not in response.headers
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0
 
 
 def test_preflight_does_not_echo_junk_header_names(client):
@@ -66,8 +66,8 @@ def test_preflight_does_not_echo_junk_header_names(client):
     assert "x-ok" in allowed and "bad header" not in allowed
 
 
-def test_allowed_origin_gets_the_answer_with_exposed_headers(client, upstream):
-    upstream.add(
+def test_allowed_origin_gets_the_answer_with_exposed_headers(client, mocked_upstream):
+    mocked_upstream.add(
         responses.POST,
         f"{UPSTREAM}/chat/completions",
         json={"ok": 1},
@@ -81,7 +81,7 @@ def test_allowed_origin_gets_the_answer_with_exposed_headers(client, upstream):
     assert "Origin" in response.headers["Vary"]
     exposed = response.headers["Access-Control-Expose-Headers"]
     assert "X-RateLimit-Remaining" in exposed and "X-Request-Id" in exposed
-    assert "Origin" not in upstream.calls[0].request.headers  # browser details stay here
+    assert "Origin" not in mocked_upstream.calls[0].request.headers  # browser details stay here
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,9 @@ def test_allowed_origin_gets_the_answer_with_exposed_headers(client, upstream):
         (READONLY_KEY, APP_ORIGIN, True),
     ],
 )
-def test_origin_not_allowed_for_this_client_is_refused(client, upstream, key, origin, readable):
+def test_origin_not_allowed_for_this_client_is_refused(
+    client, mocked_upstream, key, origin, readable
+):
     response = client.get(
         "/proxy/models", headers={"Authorization": f"Bearer {key}", "Origin": origin}
     )
@@ -103,7 +105,7 @@ def test_origin_not_allowed_for_this_client_is_refused(client, upstream, key, or
     if readable:
         assert response.headers["Access-Control-Allow-Origin"] == origin
         assert "Origin" in response.headers["Vary"]
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0
 
 
 def test_auth_errors_are_readable_by_an_allowed_page(client):
@@ -112,20 +114,22 @@ def test_auth_errors_are_readable_by_an_allowed_page(client):
     assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
 
 
-def test_calls_without_origin_are_unaffected(client, upstream):
-    upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
+def test_calls_without_origin_are_unaffected(client, mocked_upstream):
+    mocked_upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
     response = client.get("/proxy/models", headers=AUTH)
     assert response.status_code == 200
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
-def test_plain_options_call_is_forwarded_not_treated_as_preflight(client, upstream):
+def test_plain_options_call_is_forwarded_not_treated_as_preflight(client, mocked_upstream):
     # An Origin but no Access-Control-Request-Method: an ordinary OPTIONS call, forwarded.
-    upstream.add(responses.OPTIONS, f"{UPSTREAM}/anything", status=200, headers={"Allow": "GET"})
+    mocked_upstream.add(
+        responses.OPTIONS, f"{UPSTREAM}/anything", status=200, headers={"Allow": "GET"}
+    )
     response = client.options(
         "/proxy/anything", headers={"Authorization": f"Bearer {RAPID_KEY}", "Origin": APP_ORIGIN}
     )
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
     assert response.headers["Allow"] == "GET"
-    assert upstream.calls[0].request.headers["X-RapidAPI-Key"]
+    assert mocked_upstream.calls[0].request.headers["X-RapidAPI-Key"]

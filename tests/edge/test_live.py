@@ -21,9 +21,9 @@ from ..support import (
 )
 
 
-def test_envelope_adds_the_secret_and_never_forwards_the_client_key(gateway, fake_upstream):
+def test_envelope_adds_the_secret_and_never_forwards_the_client_key(live_gateway, fake_upstream):
     response = requests.post(
-        gateway.url + "/proxy",
+        live_gateway.url + "/proxy",
         json={
             "method": "POST",
             "path": "/chat/completions",
@@ -44,12 +44,12 @@ def test_envelope_adds_the_secret_and_never_forwards_the_client_key(gateway, fak
     assert_no_canary(response.content + str(response.headers).encode())
 
 
-def test_transparent_mode_forwards_body_and_query_and_strips_keys(gateway, fake_upstream):
+def test_transparent_mode_forwards_body_and_query_and_strips_keys(live_gateway, fake_upstream):
     from ..support import RAPID_KEY
 
     body = bytes(range(256)) * 10
     response = requests.put(
-        gateway.url + "/proxy/a/b/echo?x=1&y=%20z",
+        live_gateway.url + "/proxy/a/b/echo?x=1&y=%20z",
         data=body,
         headers={"X-Api-Key": RAPID_KEY, "Content-Type": "application/octet-stream"},
         timeout=10,
@@ -69,12 +69,14 @@ def test_transparent_mode_forwards_body_and_query_and_strips_keys(gateway, fake_
 
 
 @pytest.mark.parametrize("mode", ["envelope", "transparent"])
-def test_sse_events_arrive_one_by_one_before_the_upstream_finishes(gateway, fake_upstream, mode):
+def test_sse_events_arrive_one_by_one_before_the_upstream_finishes(
+    live_gateway, fake_upstream, mode
+):
     # The upstream sends event i+1 only after the test has received event i, so a
     # gateway that buffered the stream would deadlock here instead of passing.
     if mode == "envelope":
         response = requests.post(
-            gateway.url + "/proxy",
+            live_gateway.url + "/proxy",
             json={"path": "/files/sse-lockstep", "query": {"events": 4}},
             headers=AUTH,
             stream=True,
@@ -82,7 +84,7 @@ def test_sse_events_arrive_one_by_one_before_the_upstream_finishes(gateway, fake
         )
     else:
         response = requests.get(
-            gateway.url + "/proxy/files/sse-lockstep?events=4",
+            live_gateway.url + "/proxy/files/sse-lockstep?events=4",
             headers=AUTH,
             stream=True,
             timeout=15,
@@ -92,9 +94,9 @@ def test_sse_events_arrive_one_by_one_before_the_upstream_finishes(gateway, fake
     assert received == [b"data: 0", b"data: 1", b"data: 2", b"data: 3"]
 
 
-def test_gzip_bodies_pass_intact_with_matching_headers(gateway):
+def test_gzip_bodies_pass_intact_with_matching_headers(live_gateway):
     response = requests.get(
-        gateway.url + "/proxy/files/gzip", headers=AUTH, stream=True, timeout=10
+        live_gateway.url + "/proxy/files/gzip", headers=AUTH, stream=True, timeout=10
     )
     raw = response.raw.read(decode_content=False)
     assert response.headers["Content-Encoding"] == "gzip"
@@ -104,9 +106,9 @@ def test_gzip_bodies_pass_intact_with_matching_headers(gateway):
     assert gzip.decompress(raw) == GZIP_TEXT
 
 
-def test_client_that_does_not_accept_gzip_gets_identity(gateway):
+def test_client_that_does_not_accept_gzip_gets_identity(live_gateway):
     response = requests.get(
-        gateway.url + "/proxy/files/gzip",
+        live_gateway.url + "/proxy/files/gzip",
         headers={**AUTH, "Accept-Encoding": "identity"},
         timeout=10,
     )
@@ -114,23 +116,26 @@ def test_client_that_does_not_accept_gzip_gets_identity(gateway):
     assert response.content == GZIP_TEXT
 
 
-def test_50_mb_body_streams_with_bounded_memory(gateway):
+def test_50_mb_body_streams_with_bounded_memory(live_gateway):
     size = 50 * 1024 * 1024
-    baseline = gateway.rss()
+    baseline = live_gateway.rss()
     peak = baseline
     done = threading.Event()
 
     def watch():
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, gateway.rss())
+            peak = max(peak, live_gateway.rss())
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
         response = requests.get(
-            gateway.url + f"/proxy/files/big?bytes={size}", headers=AUTH, stream=True, timeout=30
+            live_gateway.url + f"/proxy/files/big?bytes={size}",
+            headers=AUTH,
+            stream=True,
+            timeout=30,
         )
         digest, count = hashlib.sha256(), 0
         for chunk in response.iter_content(chunk_size=256 * 1024):
@@ -146,25 +151,25 @@ def test_50_mb_body_streams_with_bounded_memory(gateway):
     assert growth < 20, f"gateway RSS grew by {growth:.1f} MB for a 50 MB body"
 
 
-def test_upstream_error_statuses_pass_through(gateway):
-    response = requests.get(gateway.url + "/proxy/files/status/503", headers=AUTH, timeout=10)
+def test_upstream_error_statuses_pass_through(live_gateway):
+    response = requests.get(live_gateway.url + "/proxy/files/status/503", headers=AUTH, timeout=10)
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "3"
     assert response.json() == {"status": 503}
 
 
 def test_the_docs_example_envelope_is_forwarded_from_the_gateways_own_origin(
-    gateway, fake_upstream
+    live_gateway, fake_upstream
 ):
     from gateway.edge.openapi import ENVELOPE_EXAMPLE
 
     response = requests.post(
-        gateway.url + "/proxy",
+        live_gateway.url + "/proxy",
         json=ENVELOPE_EXAMPLE,
-        headers={"Authorization": f"Bearer {DOCS_KEY}", "Origin": gateway.url},
+        headers={"Authorization": f"Bearer {DOCS_KEY}", "Origin": live_gateway.url},
         timeout=10,
     )
     assert response.status_code == 200, response.text
-    assert response.headers["Access-Control-Allow-Origin"] == gateway.url
+    assert response.headers["Access-Control-Allow-Origin"] == live_gateway.url
     seen = fake_upstream.last("/v1/chat/completions")
     assert json.loads(seen.body) == ENVELOPE_EXAMPLE["body"]

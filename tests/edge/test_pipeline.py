@@ -33,7 +33,8 @@ def config_dict(config_dict):
 
 
 @pytest.fixture
-def mock():
+def mocked_upstream():
+    """Lenient, unlike the shared one: a call refused before it is sent never reaches it."""
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         yield mock
 
@@ -90,9 +91,9 @@ def _failing(stage, when: str, error: BaseException):
     [(GatewayError("upstream_error", "a refusal"), 502), (RuntimeError("a bug"), 500)],
 )
 def test_a_stage_after_admission_that_raises_releases_slot_and_reservation(
-    app, client, mock, monkeypatch, mode, name, when, error, status
+    app, client, mocked_upstream, monkeypatch, mode, name, when, error, status
 ):
-    mock.add(responses.POST, f"{UPSTREAM}/chat/completions", json=REPLY)
+    mocked_upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json=REPLY)
     chain = getattr(pipeline, mode.upper())
     replies = []
     stage = _failing(next(s for s in chain.stages if s.__name__ == name), when, error)
@@ -114,11 +115,11 @@ def test_a_stage_after_admission_that_raises_releases_slot_and_reservation(
         if reply is not None:
             assert reply.raw.closed  # the upstream connection is let go too
     monkeypatch.undo()
-    _assert_released_and_next_call_admitted(app, client, mode, mock)
+    _assert_released_and_next_call_admitted(app, client, mode, mocked_upstream)
 
 
 @pytest.mark.parametrize(
-    ("mode", "headers", "upstream", "status", "code"),
+    ("mode", "headers", "upstream_answer", "status", "code"),
     [
         ("envelope", {"X-Bad": "a\x01b"}, None, 400, "invalid_header"),
         ("envelope", {"X Bad": "1"}, None, 400, "invalid_header"),
@@ -130,24 +131,24 @@ def test_a_stage_after_admission_that_raises_releases_slot_and_reservation(
     ],
 )
 def test_a_refusal_after_admission_releases_slot_and_reservation(
-    app, client, mock, mode, headers, upstream, status, code
+    app, client, mocked_upstream, mode, headers, upstream_answer, status, code
 ):
-    if upstream is not None:
-        mock.add(responses.POST, f"{UPSTREAM}/chat/completions", body=upstream)
+    if upstream_answer is not None:
+        mocked_upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", body=upstream_answer)
     answer = _call(client, mode, headers)
     assert (answer.status_code, answer.get_json()["error"]) == (status, code)
     answer.close()
-    _assert_released_and_next_call_admitted(app, client, mode, mock)
+    _assert_released_and_next_call_admitted(app, client, mode, mocked_upstream)
 
 
-def test_a_client_leaving_mid_stream_releases_slot_and_reservation(app, client, mock):
-    mock.add(responses.POST, f"{UPSTREAM}/chat/completions", body=b"data: {}\n\n" * 1000)
+def test_a_client_leaving_mid_stream_releases_slot_and_reservation(app, client, mocked_upstream):
+    mocked_upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", body=b"data: {}\n\n" * 1000)
     answer = client.post("/proxy/chat/completions", json=CHAT, headers=HELD, buffered=False)
     assert answer.status_code == 200
     next(iter(answer.response))
     assert _held(app)[0] == 1
     answer.close()  # the client is gone
-    _assert_released_and_next_call_admitted(app, client, "transparent", mock)
+    _assert_released_and_next_call_admitted(app, client, "transparent", mocked_upstream)
 
 
 def test_every_stage_names_a_public_function():

@@ -104,10 +104,10 @@ def test_invalid_envelope_fields_get_400_with_field_errors(client, body, field):
         (CHAT_KEY, {"path": "/models", "headers": {"X-A": "a\x00"}}, 400, "invalid_header"),
     ],
 )
-def test_policy_refusals_forward_nothing(client, upstream, key, body, status, code):
+def test_policy_refusals_forward_nothing(client, mocked_upstream, key, body, status, code):
     response = envelope(client, body, headers={"Authorization": f"Bearer {key}"})
     assert_error(response, status, code)
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0
 
 
 def test_unknown_route_gets_json_404(client):
@@ -123,8 +123,8 @@ def test_wrong_method_on_envelope_gets_json_405(client):
 # --- transparent mode ---------------------------------------------------------------
 
 
-def test_transparent_forwards_raw_body_query_and_content_type(client, upstream):
-    upstream.add(responses.POST, f"{UPSTREAM}/files/upload", json={"ok": 1})
+def test_transparent_forwards_raw_body_query_and_content_type(client, mocked_upstream):
+    mocked_upstream.add(responses.POST, f"{UPSTREAM}/files/upload", json={"ok": 1})
     body = b"--b\r\nContent-Disposition: form-data; name=f\r\n\r\n\x00\xff\x10\r\n--b--\r\n"
     response = client.post(
         "/proxy/files/upload?purpose=x&a=%20b",
@@ -132,7 +132,7 @@ def test_transparent_forwards_raw_body_query_and_content_type(client, upstream):
         headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b", "X-Custom": "1"},
     )
     assert response.status_code == 200
-    sent = upstream.calls[0].request
+    sent = mocked_upstream.calls[0].request
     assert sent.body == body
     assert sent.headers["Content-Type"] == "multipart/form-data; boundary=b"
     assert sent.url == f"{UPSTREAM}/files/upload?purpose=x&a=%20b"
@@ -140,11 +140,11 @@ def test_transparent_forwards_raw_body_query_and_content_type(client, upstream):
     assert sent.headers["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
 
 
-def test_transparent_takes_x_api_key_and_strips_it(client, upstream):
-    upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
+def test_transparent_takes_x_api_key_and_strips_it(client, mocked_upstream):
+    mocked_upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
     response = client.get("/proxy/models", headers={"X-Api-Key": CHAT_KEY})
     assert response.status_code == 200
-    sent = upstream.calls[0].request.headers
+    sent = mocked_upstream.calls[0].request.headers
     assert sent["x-api-key"] == CANARIES["CANARY_ANTHROPIC"]
     assert CHAT_KEY not in json.dumps(dict(sent))
 
@@ -162,13 +162,13 @@ def test_transparent_takes_x_api_key_and_strips_it(client, upstream):
         "/proxy/files/..%2f..%2fadmin",
     ],
 )
-def test_transparent_judges_the_raw_path(client, upstream, target):
+def test_transparent_judges_the_raw_path(client, mocked_upstream, target):
     response = client.get(target, headers=AUTH)
     assert_error(response, 400, "invalid_path")
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0
 
 
-def test_transparent_mode_refuses_methods_and_paths_outside_the_policy(client, upstream):
+def test_transparent_mode_refuses_methods_and_paths_outside_the_policy(client, mocked_upstream):
     assert_error(client.delete("/proxy/models", headers=AUTH), 403, "method_not_allowed")
     assert_error(client.get("/proxy/admin", headers=AUTH), 403, "path_not_allowed")
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0

@@ -90,16 +90,16 @@ class Lockstep:
 # --- the session's gateway ---------------------------------------------------------
 
 
-def test_a_stream_is_logged_once_it_has_ended_with_its_whole_duration(gateway, fake_upstream):
+def test_a_stream_is_logged_once_it_has_ended_with_its_whole_duration(live_gateway, fake_upstream):
     request_id = rid()
-    stream = Lockstep(gateway, fake_upstream, 3, **{"X-Request-ID": request_id})
+    stream = Lockstep(live_gateway, fake_upstream, 3, **{"X-Request-ID": request_id})
     assert stream.next_event() == b"data: 0"
     time.sleep(0.5)
     assert stream.next_event() == b"data: 1"
-    assert request_id not in gateway.log_text()  # still streaming: no line yet
+    assert request_id not in live_gateway.log_text()  # still streaming: no line yet
     assert stream.next_event() == b"data: 2"
     stream.rest()
-    line = gateway.access_line(request_id)
+    line = live_gateway.access_line(request_id)
     assert line["status"] == 200 and line["error"] is None
     assert (line["client"], line["target"], line["method"]) == ("client#1", "api", "GET")
     assert line["path"] == "/files/sse-lockstep"  # the upstream path, never the query
@@ -109,10 +109,10 @@ def test_a_stream_is_logged_once_it_has_ended_with_its_whole_duration(gateway, f
     assert line["remote"] == "127.0.0.1"
 
 
-def test_the_upstreams_request_id_is_logged_and_passed_on(gateway, fake_upstream):
+def test_the_upstreams_request_id_is_logged_and_passed_on(live_gateway, fake_upstream):
     request_id = rid()
     response = requests.post(
-        gateway.url + "/proxy",
+        live_gateway.url + "/proxy",
         json={"method": "POST", "path": "/chat/completions", "body": {"model": "m"}},
         headers={**AUTH, "X-Request-ID": request_id},
         timeout=10,
@@ -120,13 +120,13 @@ def test_the_upstreams_request_id_is_logged_and_passed_on(gateway, fake_upstream
     assert response.headers["x-request-id"] == "req-openai"
     assert response.headers["X-Gateway-Request-Id"] == request_id
     assert fake_upstream.last("/v1/chat/completions").headers["X-Request-ID"] == request_id
-    line = gateway.access_line(request_id)
+    line = live_gateway.access_line(request_id)
     assert line["upstream_request_id"] == "req-openai"
     assert line["bytes_in"] == len(response.request.body)
     assert line["bytes_out"] == len(response.content)
 
 
-def test_refusals_and_gateway_routes_are_logged_and_keys_and_queries_are_not(gateway):
+def test_refusals_and_gateway_routes_are_logged_and_keys_and_queries_are_not(live_gateway):
     marker = "qv-" + uuid.uuid4().hex
     # (asked, headers, status, code, the path logged: as asked before authentication,
     # the upstream path after it; never the query or a key)
@@ -145,55 +145,48 @@ def test_refusals_and_gateway_routes_are_logged_and_keys_and_queries_are_not(gat
     for path, headers, status, code, logged in cases:
         request_id = rid()
         response = requests.get(
-            gateway.url + path, headers={**headers, "X-Request-ID": request_id}, timeout=10
+            live_gateway.url + path, headers={**headers, "X-Request-ID": request_id}, timeout=10
         )
         assert response.status_code == status
-        line = gateway.access_line(request_id)
+        line = live_gateway.access_line(request_id)
         assert (line["status"], line["path"]) == (status, logged)
         if code:
             assert line["error"] == code == response.json()["error"]
         assert response.headers["X-Gateway-Request-Id"] == request_id
-    assert marker not in gateway.log_text()
+    assert marker not in live_gateway.log_text()
 
 
-def test_a_stream_cut_by_the_upstream_is_logged_with_its_error(gateway):
+def test_a_stream_cut_by_the_upstream_is_logged_with_its_error(live_gateway):
     request_id = rid()
     response = requests.get(
-        gateway.url + "/proxy/cut-mid-event",
+        live_gateway.url + "/proxy/cut-mid-event",
         headers={"Authorization": f"Bearer {SLOW_KEY}", "X-Request-ID": request_id},
         stream=True,
         timeout=10,
     )
     with contextlib.suppress(requests.exceptions.RequestException):
         response.content  # noqa: B018 - read to the cut (tests/edge/test_client_faults.py checks the client side)
-    line = gateway.access_line(request_id)
+    line = live_gateway.access_line(request_id)
     assert (line["status"], line["error"], line["upstream_status"]) == (200, "upstream_error", 200)
 
 
-def test_forwarded_headers_are_ignored_without_trusted_proxies(gateway):
+def test_forwarded_headers_are_ignored_without_trusted_proxies(live_gateway):
     request_id = rid()
     requests.get(
-        gateway.url + "/health",
+        live_gateway.url + "/health",
         headers={"X-Forwarded-For": "203.0.113.5", "X-Request-ID": request_id},
         timeout=10,
     )
-    assert gateway.access_line(request_id)["remote"] == "127.0.0.1"
+    assert live_gateway.access_line(request_id)["remote"] == "127.0.0.1"
 
 
-def test_gunicorns_own_errors_carry_a_request_id(gateway):
-    response = requests.get(gateway.url + "/health?" + "a" * 9000, timeout=10)
+def test_gunicorns_own_errors_carry_a_request_id(live_gateway):
+    response = requests.get(live_gateway.url + "/health?" + "a" * 9000, timeout=10)
     assert response.status_code == 414
     assert response.json()["request_id"] == response.headers["X-Gateway-Request-Id"]
 
 
 # --- a gateway of its own: metrics over workers, and reloads -------------------------
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    server = FakeUpstream().start()
-    yield server
-    server.stop()
 
 
 def observed_config(upstream: FakeUpstream) -> dict:
@@ -218,8 +211,8 @@ def chat_count(live: LiveGateway) -> float:
     )
 
 
-def test_metrics_are_summed_over_workers_and_kept_when_workers_exit(tmp_path, upstream):
-    live, folder = start(tmp_path, upstream)
+def test_metrics_are_summed_over_workers_and_kept_when_workers_exit(tmp_path, module_fake_upstream):
+    live, folder = start(tmp_path, module_fake_upstream)
     try:
 
         def one(_):
@@ -255,7 +248,7 @@ def test_metrics_are_summed_over_workers_and_kept_when_workers_exit(tmp_path, up
         assert len(files) <= 2 * 3 + 1 + 2, files
 
         # In flight: one open stream, then none.
-        stream = Lockstep(live, upstream, 2)
+        stream = Lockstep(live, module_fake_upstream, 2)
         stream.next_event()
         in_flight = ("gateway_in_flight", labels(target="api"))
         assert scrape(live)[in_flight] == 1
@@ -268,15 +261,17 @@ def test_metrics_are_summed_over_workers_and_kept_when_workers_exit(tmp_path, up
         live.stop()
 
 
-def test_hup_with_a_broken_config_keeps_serving_then_a_fixed_one_applies(tmp_path, upstream):
-    live, _ = start(tmp_path, upstream)
+def test_hup_with_a_broken_config_keeps_serving_then_a_fixed_one_applies(
+    tmp_path, module_fake_upstream
+):
+    live, _ = start(tmp_path, module_fake_upstream)
     config_path = tmp_path / "config.yaml"
     try:
         workers = live.worker_pids()
-        stream = Lockstep(live, upstream, 4)
+        stream = Lockstep(live, module_fake_upstream, 4)
         assert stream.next_event() == b"data: 0"
 
-        broken = observed_config(upstream)
+        broken = observed_config(module_fake_upstream)
         broken["clients"][CHAT_KEY]["allowedPaths"] = []
         broken["clients"][NEW_KEY] = broken["clients"].pop(READONLY_KEY)
         broken["secrets"]["extra"] = "${NOT_SET_FOR_THIS_TEST}"
@@ -296,7 +291,7 @@ def test_hup_with_a_broken_config_keeps_serving_then_a_fixed_one_applies(tmp_pat
         assert reloads["gateway_config_reloads_total", labels(result="failed")] == 1
         assert reloads["gateway_config_reloads_total", labels(result="ok")] == 0
 
-        fixed = observed_config(upstream)
+        fixed = observed_config(module_fake_upstream)
         fixed["clients"][NEW_KEY] = fixed["clients"].pop(READONLY_KEY)
         write_config(config_path, fixed)
         os.kill(live.process.pid, signal.SIGHUP)
@@ -330,16 +325,18 @@ def test_hup_with_a_broken_config_keeps_serving_then_a_fixed_one_applies(tmp_pat
         f"GET /health?key={CHAT_KEY} HTTP/9.9\r\nHost: x\r\n\r\n",
     ],
 )
-def test_requests_gunicorn_cannot_parse_are_logged_without_their_text(gateway, request_text):
-    before = gateway.log_text().count("Invalid request from ip=")
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+def test_requests_gunicorn_cannot_parse_are_logged_without_their_text(live_gateway, request_text):
+    before = live_gateway.log_text().count("Invalid request from ip=")
+    with socket.create_connection(("127.0.0.1", live_gateway.port), timeout=10) as sock:
         sock.sendall(request_text.encode("latin-1"))
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 4") or answer.startswith(b"HTTP/1.1 5"), answer
     wait_until(
-        lambda: gateway.log_text().count("Invalid request from ip=") > before, 10, "the log line"
+        lambda: live_gateway.log_text().count("Invalid request from ip=") > before,
+        10,
+        "the log line",
     )
-    assert CHAT_KEY not in gateway.log_text()
+    assert CHAT_KEY not in live_gateway.log_text()
 
 
 # --- workers serve the config the master accepted, never the file as it is now -----
@@ -374,8 +371,10 @@ def edited(upstream: FakeUpstream) -> dict:
 
 
 @pytest.mark.parametrize("change", ["broken", "deleted", "edited"])
-def test_workers_booting_later_serve_the_accepted_config_not_the_file(tmp_path, upstream, change):
-    live, _ = start(tmp_path, upstream)
+def test_workers_booting_later_serve_the_accepted_config_not_the_file(
+    tmp_path, module_fake_upstream, change
+):
+    live, _ = start(tmp_path, module_fake_upstream)
     config_path = tmp_path / "config.yaml"
     try:
         if change == "broken":
@@ -383,7 +382,7 @@ def test_workers_booting_later_serve_the_accepted_config_not_the_file(tmp_path, 
         elif change == "deleted":
             config_path.unlink()
         else:
-            write_config(config_path, edited(upstream))
+            write_config(config_path, edited(module_fake_upstream))
         kill_every_worker(live)  # no HUP: nothing has accepted the change
         assert statuses(live, CHAT_KEY) == [200] * 20
         assert statuses(live, READONLY_KEY) == [200] * 20
@@ -393,8 +392,8 @@ def test_workers_booting_later_serve_the_accepted_config_not_the_file(tmp_path, 
         live.stop()
 
 
-def test_workers_recycled_by_max_requests_serve_the_accepted_config(tmp_path, upstream):
-    config = write_config(tmp_path / "config.yaml", observed_config(upstream))
+def test_workers_recycled_by_max_requests_serve_the_accepted_config(tmp_path, module_fake_upstream):
+    config = write_config(tmp_path / "config.yaml", observed_config(module_fake_upstream))
     env = {**CANARIES, "GUNICORN_CMD_ARGS": "--max-requests 5"}
     live = LiveGateway(config, env, tmp_path / "error.log", tmp_path / "access.log").start()
     try:
@@ -408,9 +407,9 @@ def test_workers_recycled_by_max_requests_serve_the_accepted_config(tmp_path, up
 
 
 def test_workers_after_a_refused_hup_keep_the_old_config_and_after_an_accepted_one_the_new(
-    tmp_path, upstream
+    tmp_path, module_fake_upstream
 ):
-    live, _ = start(tmp_path, upstream)
+    live, _ = start(tmp_path, module_fake_upstream)
     config_path = tmp_path / "config.yaml"
     try:
         config_path.write_text("targets: {api: {baseURL: http://x}}\nclients: {}\n")
@@ -420,7 +419,7 @@ def test_workers_after_a_refused_hup_keep_the_old_config_and_after_an_accepted_o
         assert statuses(live, CHAT_KEY) == [200] * 20
         assert statuses(live, READONLY_KEY) == [200] * 20
 
-        write_config(config_path, edited(upstream))
+        write_config(config_path, edited(module_fake_upstream))
         workers = live.worker_pids()
         os.kill(live.process.pid, signal.SIGHUP)
         wait_until(lambda: "the config is valid; reloading" in live.log_text(), 60, "the reload")
@@ -448,16 +447,16 @@ def test_workers_after_a_refused_hup_keep_the_old_config_and_after_an_accepted_o
         f"Authori zation: Bearer {CHAT_KEY}",
     ],
 )
-def test_a_malformed_header_line_never_puts_a_key_in_the_log(gateway, line):
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+def test_a_malformed_header_line_never_puts_a_key_in_the_log(live_gateway, line):
+    with socket.create_connection(("127.0.0.1", live_gateway.port), timeout=10) as sock:
         sock.sendall(f"GET /proxy/models HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode())
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 400")
     marker = f"marker-{time.monotonic_ns()}"
-    requests.get(f"{gateway.url}/health", headers={"X-Request-ID": marker}, timeout=10)
+    requests.get(f"{live_gateway.url}/health", headers={"X-Request-ID": marker}, timeout=10)
     deadline = time.monotonic() + 5
-    while marker not in gateway.log_text():  # the log is written up to our marker
+    while marker not in live_gateway.log_text():  # the log is written up to our marker
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert "Invalid request from ip=127.0.0.1" in gateway.log_text()
-    assert CHAT_KEY not in gateway.log_text()
+    assert "Invalid request from ip=127.0.0.1" in live_gateway.log_text()
+    assert CHAT_KEY not in live_gateway.log_text()

@@ -58,10 +58,10 @@ def config_dict() -> dict:
     ],
 )
 def test_every_answer_carries_a_request_id_and_errors_name_it(
-    client, upstream, method, path, headers, status
+    client, mocked_upstream, method, path, headers, status
 ):
     if status == 200 and path.startswith("/proxy"):
-        upstream.get(UPSTREAM + "/models", json={"data": []})
+        mocked_upstream.get(UPSTREAM + "/models", json={"data": []})
     response = call(client, method, path, headers=headers)
     assert response.status_code == status
     rid = response.headers["X-Gateway-Request-Id"]
@@ -89,19 +89,19 @@ def test_ids_are_new_for_every_request(client):
         ("é-accent", False),
     ],
 )
-def test_a_client_request_id_is_adopted_only_when_safe(client, upstream, offered, adopted):
-    upstream.get(UPSTREAM + "/models", json={})
+def test_a_client_request_id_is_adopted_only_when_safe(client, mocked_upstream, offered, adopted):
+    mocked_upstream.get(UPSTREAM + "/models", json={})
     response = call(client, "GET", "/proxy/models", headers={**AUTH, "X-Request-ID": offered})
     rid = response.headers["X-Gateway-Request-Id"]
     assert (rid == offered) is adopted
     if not adopted:
         assert GENERATED.fullmatch(rid)
     # The upstream gets the gateway's id, never the unusable one the client sent.
-    assert upstream.calls[0].request.headers["X-Request-ID"] == rid
+    assert mocked_upstream.calls[0].request.headers["X-Request-ID"] == rid
 
 
-def test_the_upstreams_own_request_ids_pass_through_untouched(client, upstream):
-    upstream.get(
+def test_the_upstreams_own_request_ids_pass_through_untouched(client, mocked_upstream):
+    mocked_upstream.get(
         UPSTREAM + "/models",
         json={},
         headers={"x-request-id": "req_openai_1", "request-id": "req_anthropic_1"},
@@ -112,8 +112,8 @@ def test_the_upstreams_own_request_ids_pass_through_untouched(client, upstream):
     assert response.headers["X-Gateway-Request-Id"] not in ("req_openai_1", "req_anthropic_1")
 
 
-def test_an_upstream_cannot_set_the_gateways_request_id(client, upstream):
-    upstream.get(UPSTREAM + "/models", json={}, headers={"X-Gateway-Request-Id": "forged"})
+def test_an_upstream_cannot_set_the_gateways_request_id(client, mocked_upstream):
+    mocked_upstream.get(UPSTREAM + "/models", json={}, headers={"X-Gateway-Request-Id": "forged"})
     response = call(client, "GET", "/proxy/models", headers=AUTH)
     assert response.headers.getlist("X-Gateway-Request-Id") != ["forged"]
     assert len(response.headers.getlist("X-Gateway-Request-Id")) == 1
@@ -128,8 +128,8 @@ def test_request_id_rule():
 # --- the access log -------------------------------------------------------------
 
 
-def test_one_json_line_per_request_with_the_documented_fields(client, upstream, capsys):
-    upstream.post(
+def test_one_json_line_per_request_with_the_documented_fields(client, mocked_upstream, capsys):
+    mocked_upstream.post(
         UPSTREAM + "/chat/completions", json={"ok": 1}, headers={"x-request-id": "req_up_7"}
     )
     capsys.readouterr()
@@ -323,8 +323,8 @@ def test_without_a_metrics_section_there_is_no_metrics_route(tmp_path):
     assert response.get_json()["error"] == "not_found"
 
 
-def test_metrics_count_requests_refusals_latency_and_in_flight(client, upstream):
-    upstream.get(UPSTREAM + "/models", json={})
+def test_metrics_count_requests_refusals_latency_and_in_flight(client, mocked_upstream):
+    mocked_upstream.get(UPSTREAM + "/models", json={})
     call(client, "GET", "/proxy/models", headers=AUTH)
     call(client, "GET", "/proxy/admin", headers=AUTH)
     call(client, "GET", "/proxy/models")
@@ -379,9 +379,11 @@ def test_observability_config_problems_are_located(mutate, expected):
     assert not any(CHAT_KEY in p for p in caught.value.problems)
 
 
-def test_the_usage_meter_fills_the_record_for_the_log_and_the_metrics(client, upstream, capsys):
+def test_the_usage_meter_fills_the_record_for_the_log_and_the_metrics(
+    client, mocked_upstream, capsys
+):
     usage = {"model": "gpt-x", "usage": {"prompt_tokens": 12, "completion_tokens": 34}}
-    upstream.post(UPSTREAM + "/chat/completions", json=usage)
+    mocked_upstream.post(UPSTREAM + "/chat/completions", json=usage)
     capsys.readouterr()
     body = {"model": "gpt-x", "max_tokens": 50, "messages": []}
     assert call(client, "POST", "/proxy/chat/completions", json=body, headers=AUTH).status_code

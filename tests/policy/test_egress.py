@@ -226,13 +226,13 @@ def test_headers_holding_a_secret_are_dropped_and_named():
 # --- the gateway, with a mocked upstream -----------------------------------------
 
 
-def test_the_upstream_is_asked_only_for_codings_the_guard_reads(client, upstream):
-    upstream.get(UPSTREAM + "/models", body="{}")
+def test_the_upstream_is_asked_only_for_codings_the_guard_reads(client, mocked_upstream):
+    mocked_upstream.get(UPSTREAM + "/models", body="{}")
     client.get("/proxy/models", headers={**AUTH, "Accept-Encoding": "br, gzip;q=0.8, zstd"})
-    assert upstream.calls[0].request.headers["Accept-Encoding"] == "gzip;q=0.8"
+    assert mocked_upstream.calls[0].request.headers["Accept-Encoding"] == "gzip;q=0.8"
 
 
-def test_with_the_guard_off_the_answer_passes(tmp_path, config_dict, upstream):
+def test_with_the_guard_off_the_answer_passes(tmp_path, config_dict, mocked_upstream):
     from gateway import create_app
 
     from ..support import write_config
@@ -244,7 +244,7 @@ def test_with_the_guard_off_the_answer_passes(tmp_path, config_dict, upstream):
             "GATEWAY_ENVIRON": CANARIES,
         }
     )
-    upstream.get(UPSTREAM + "/models", body=CANARIES["CANARY_OPENAI"])
+    mocked_upstream.get(UPSTREAM + "/models", body=CANARIES["CANARY_OPENAI"])
     response = app.test_client().get("/proxy/models", headers=AUTH)
     assert response.status_code == 200  # the switch exists for measuring the guard's cost
 
@@ -269,9 +269,9 @@ MODES = ["envelope", "transparent"]
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_reflected_secret_header_is_dropped_and_never_exposed(gateway, page_origin, mode):
+def test_a_reflected_secret_header_is_dropped_and_never_exposed(live_gateway, page_origin, mode):
     origin_headers = {"Authorization": f"Bearer {BROWSER_KEY}", "Origin": page_origin}
-    response = _call(gateway, mode, "/files/leak-header", headers=origin_headers)
+    response = _call(live_gateway, mode, "/files/leak-header", headers=origin_headers)
     assert response.status_code == 200
     assert "X-Echo-Authorization" not in response.headers
     assert response.headers["X-Safe"] == "1"
@@ -290,9 +290,9 @@ def test_a_reflected_secret_header_is_dropped_and_never_exposed(gateway, page_or
     ids=["plain", "gzip", "json-escaped"],
 )
 def test_a_secret_in_the_first_bytes_gets_502_and_nothing_of_the_body(
-    gateway, mode, route, headers
+    live_gateway, mode, route, headers
 ):
-    response = _call(gateway, mode, route, headers=headers)
+    response = _call(live_gateway, mode, route, headers=headers)
     assert response.status_code == 502, response.text
     assert response.json()["error"] == "secret_in_response"
     assert "X-Fake-Upstream" not in response.headers
@@ -301,8 +301,8 @@ def test_a_secret_in_the_first_bytes_gets_502_and_nothing_of_the_body(
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("form", ["url", "url-lower", "json-u"])
-def test_a_secret_written_back_in_another_form_gets_502_and_nothing_of_it(gateway, mode, form):
-    response = _call(gateway, mode, f"/anything/leak-encoded?form={form}", headers=RAPID)
+def test_a_secret_written_back_in_another_form_gets_502_and_nothing_of_it(live_gateway, mode, form):
+    response = _call(live_gateway, mode, f"/anything/leak-encoded?form={form}", headers=RAPID)
     assert response.status_code == 502, response.text
     assert response.json()["error"] == "secret_in_response"
     for encoded in (quote(RAPID_SECRET, safe=""), "canary", "\\u0063", "\\u0072"):
@@ -312,8 +312,8 @@ def test_a_secret_written_back_in_another_form_gets_502_and_nothing_of_it(gatewa
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("at", [1, 12])
-def test_a_secret_split_mid_stream_cuts_the_stream_before_it(gateway, mode, at):
-    response = _call(gateway, mode, f"/files/leak-split?at={at}", stream=True)
+def test_a_secret_split_mid_stream_cuts_the_stream_before_it(live_gateway, mode, at):
+    response = _call(live_gateway, mode, f"/files/leak-split?at={at}", stream=True)
     assert response.status_code == 200
     received = b""
     with pytest.raises(requests.exceptions.RequestException):
@@ -323,8 +323,8 @@ def test_a_secret_split_mid_stream_cuts_the_stream_before_it(gateway, mode, at):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_secret_late_in_a_large_body_cuts_it(gateway, mode):
-    response = _call(gateway, mode, "/files/leak-late", stream=True)
+def test_a_secret_late_in_a_large_body_cuts_it(live_gateway, mode):
+    response = _call(live_gateway, mode, "/files/leak-late", stream=True)
     assert response.status_code == 200
     received = b""
     with pytest.raises(requests.exceptions.RequestException):
@@ -335,16 +335,16 @@ def test_a_secret_late_in_a_large_body_cuts_it(gateway, mode):
     assert_no_canary(received)
 
 
-def test_a_coding_the_guard_cannot_read_is_refused(gateway):
-    response = _call(gateway, "transparent", "/files/leak-gzip?coding=br")
+def test_a_coding_the_guard_cannot_read_is_refused(live_gateway):
+    response = _call(live_gateway, "transparent", "/files/leak-gzip?coding=br")
     assert response.status_code == 502
     assert response.json()["error"] == "upstream_error"
 
 
-def test_every_block_is_logged_without_the_value(gateway):
-    _call(gateway, "transparent", "/files/leak-header")
-    _call(gateway, "transparent", "/files/leak-body")
-    log = gateway.log_text()
+def test_every_block_is_logged_without_the_value(live_gateway):
+    _call(live_gateway, "transparent", "/files/leak-header")
+    _call(live_gateway, "transparent", "/files/leak-body")
+    log = live_gateway.log_text()
     assert "egress guard: a secret in the response header X-Echo-Authorization" in log
     assert "egress guard: a secret in the response body (before it was sent)" in log
     assert_no_canary(log)

@@ -19,18 +19,18 @@ OVERRIDES = {
 
 
 @pytest.mark.parametrize("mode", ["envelope", "transparent"])
-def test_method_and_url_override_headers_never_reach_the_upstream(client, upstream, mode):
-    upstream.get(UPSTREAM + "/models", body="{}")
+def test_method_and_url_override_headers_never_reach_the_upstream(client, mocked_upstream, mode):
+    mocked_upstream.get(UPSTREAM + "/models", body="{}")
     if mode == "envelope":
         client.post("/proxy", json={"path": "/models", "headers": OVERRIDES}, headers=AUTH)
     else:
         client.get("/proxy/models", headers={**AUTH, **OVERRIDES})
-    sent = {name.lower() for name in upstream.calls[0].request.headers}
+    sent = {name.lower() for name in mocked_upstream.calls[0].request.headers}
     assert not sent & {name.lower() for name in OVERRIDES}
 
 
-def test_secret_added_client_key_and_blocked_headers_never_forwarded(client, upstream):
-    upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json={"id": "x"})
+def test_secret_added_client_key_and_blocked_headers_never_forwarded(client, mocked_upstream):
+    mocked_upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json={"id": "x"})
     response = envelope(
         client,
         {
@@ -59,7 +59,7 @@ def test_secret_added_client_key_and_blocked_headers_never_forwarded(client, ups
     )
     assert response.status_code == 200
     assert response.get_json() == {"id": "x"}
-    sent = upstream.calls[0].request
+    sent = mocked_upstream.calls[0].request
     url, _, query = sent.url.partition("?")
     assert url == f"{UPSTREAM}/chat/completions"
     assert sorted(query.split("&")) == ["n=2", "stream=false", "tag=a", "tag=b"]
@@ -88,27 +88,27 @@ def test_secret_added_client_key_and_blocked_headers_never_forwarded(client, ups
     }
 
 
-def test_target_default_headers_are_sent(client, upstream):
-    upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
+def test_target_default_headers_are_sent(client, mocked_upstream):
+    mocked_upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
     envelope(client, {"path": "/models"})
-    assert upstream.calls[0].request.headers["X-Title"] == "gateway-tests"
-    assert upstream.calls[0].request.body is None
+    assert mocked_upstream.calls[0].request.headers["X-Title"] == "gateway-tests"
+    assert mocked_upstream.calls[0].request.body is None
 
 
-def test_rapidapi_secret_is_sent_as_x_rapidapi_key(client, upstream):
-    upstream.add(responses.DELETE, f"{UPSTREAM}/anything/here", status=204)
+def test_rapidapi_secret_is_sent_as_x_rapidapi_key(client, mocked_upstream):
+    mocked_upstream.add(responses.DELETE, f"{UPSTREAM}/anything/here", status=204)
     response = envelope(
         client,
         {"method": "DELETE", "path": "/anything/here"},
         headers={"Authorization": f"Bearer {RAPID_KEY}"},
     )
     assert response.status_code == 204
-    assert upstream.calls[0].request.headers["X-RapidAPI-Key"] == CANARIES["CANARY_RAPID"]
-    assert "Authorization" not in upstream.calls[0].request.headers
+    assert mocked_upstream.calls[0].request.headers["X-RapidAPI-Key"] == CANARIES["CANARY_RAPID"]
+    assert "Authorization" not in mocked_upstream.calls[0].request.headers
 
 
-def test_upstream_response_headers_pass_except_cookies_and_hop_by_hop(client, upstream):
-    upstream.add(
+def test_upstream_response_headers_pass_except_cookies_and_hop_by_hop(client, mocked_upstream):
+    mocked_upstream.add(
         responses.GET,
         f"{UPSTREAM}/models",
         status=429,

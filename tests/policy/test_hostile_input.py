@@ -149,7 +149,7 @@ def upstream_audit(fake_upstream):
     assert outside == []
 
 
-def test_generated_envelopes_stay_in_the_allowlist(gateway, upstream_audit):
+def test_generated_envelopes_stay_in_the_allowlist(live_gateway, upstream_audit):
     session = requests.Session()
 
     @given(envelope=ENVELOPES)
@@ -158,7 +158,7 @@ def test_generated_envelopes_stay_in_the_allowlist(gateway, upstream_audit):
     )
     def send(envelope):
         response = session.post(
-            gateway.url + "/proxy",
+            live_gateway.url + "/proxy",
             data=json.dumps(envelope),
             headers={**AUTH, "Content-Type": "application/json"},
             timeout=20,
@@ -181,7 +181,7 @@ def raw_request(gateway, method: str, target: str, headers: dict, body: bytes | 
     return result
 
 
-def test_generated_transparent_requests_stay_in_the_allowlist(gateway, upstream_audit):
+def test_generated_transparent_requests_stay_in_the_allowlist(live_gateway, upstream_audit):
     @given(
         method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"]),
         path=PATHS,
@@ -194,7 +194,7 @@ def test_generated_transparent_requests_stay_in_the_allowlist(gateway, upstream_
     def send(method, path, headers, body):
         try:
             answer = raw_request(
-                gateway, method, "/proxy/" + path.lstrip("/"), {**headers, **AUTH}, body
+                live_gateway, method, "/proxy/" + path.lstrip("/"), {**headers, **AUTH}, body
             )
         except http.client.HTTPException:
             return  # the gateway's server refused the request line or headers outright
@@ -259,18 +259,20 @@ CORPUS = [form.format(core) for core in CORE for form in FORMS] + SPECIAL
 
 
 @pytest.mark.parametrize("mode", ["envelope", "transparent"])
-def test_path_attack_corpus_reaches_nothing_outside_the_allowlist(gateway, upstream_audit, mode):
+def test_path_attack_corpus_reaches_nothing_outside_the_allowlist(
+    live_gateway, upstream_audit, mode
+):
     session = requests.Session()
     answered = 0
     for path in CORPUS:
         if mode == "envelope":
             response = session.post(
-                gateway.url + "/proxy", json={"path": path}, headers=AUTH, timeout=20
+                live_gateway.url + "/proxy", json={"path": path}, headers=AUTH, timeout=20
             )
             answer = response.status_code, response.headers, response.content
         else:
             try:
-                answer = raw_request(gateway, "GET", "/proxy" + path, AUTH)
+                answer = raw_request(live_gateway, "GET", "/proxy" + path, AUTH)
             except http.client.HTTPException:
                 answer = None
         if answer is not None:

@@ -295,11 +295,11 @@ def call(client, key):
 
 
 @pytest.mark.parametrize("key", [NAMED_KEY, NEXT_KEY])
-def test_each_active_key_reaches_the_upstream_with_the_secret(client, upstream, key):
-    upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json={"ok": 1})
+def test_each_active_key_reaches_the_upstream_with_the_secret(client, mocked_upstream, key):
+    mocked_upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", json={"ok": 1})
     response = call(client, key)
     assert response.status_code == 200
-    sent = upstream.calls[0].request.headers
+    sent = mocked_upstream.calls[0].request.headers
     assert sent["Authorization"] == "Bearer " + CANARIES["CANARY_OPENAI"]
     assert key not in str(sent)
 
@@ -313,18 +313,18 @@ def test_each_active_key_reaches_the_upstream_with_the_secret(client, upstream, 
         (HASH[7:], "invalid_client_key", "The client key is not known to this gateway."),
     ],
 )
-def test_refused_keys_get_401_and_nothing_is_forwarded(client, upstream, key, code, message):
+def test_refused_keys_get_401_and_nothing_is_forwarded(client, mocked_upstream, key, code, message):
     response = call(client, key)
     assert response.status_code == 401
     request_id = response.headers["X-Gateway-Request-Id"]
     assert response.get_json() == {"error": code, "message": message, "request_id": request_id}
     assert "invalid_token" in response.headers["WWW-Authenticate"]
-    assert len(upstream.calls) == 0
+    assert len(mocked_upstream.calls) == 0
 
 
-def test_logs_name_the_client_never_the_key(client, upstream, caplog):
+def test_logs_name_the_client_never_the_key(client, mocked_upstream, caplog):
     caplog.set_level(logging.INFO, logger="gateway")
-    upstream.add(
+    mocked_upstream.add(
         responses.POST, f"{UPSTREAM}/chat/completions", body=requests.exceptions.ConnectionError()
     )
     for key in (EXPIRED_KEY, EARLY_KEY, NAMED_KEY, "ck-unknown-key-0123456789"):
@@ -338,9 +338,11 @@ def test_logs_name_the_client_never_the_key(client, upstream, caplog):
 
 
 @pytest.mark.parametrize("key", [NAMED_KEY, NEXT_KEY])
-def test_a_hashed_key_opens_its_named_client_and_the_secret_arrives(gateway, fake_upstream, key):
+def test_a_hashed_key_opens_its_named_client_and_the_secret_arrives(
+    live_gateway, fake_upstream, key
+):
     response = requests.post(
-        gateway.url + "/proxy/chat/completions",
+        live_gateway.url + "/proxy/chat/completions",
         json={"model": "m"},
         headers={"Authorization": f"Bearer {key}"},
         timeout=10,
@@ -360,10 +362,10 @@ def test_a_hashed_key_opens_its_named_client_and_the_secret_arrives(gateway, fak
         (key_item(NAMED_KEY)[7:], "invalid_client_key"),
     ],
 )
-def test_expired_early_and_hash_keys_get_401_under_gunicorn(gateway, fake_upstream, key, code):
+def test_expired_early_and_hash_keys_get_401_under_gunicorn(live_gateway, fake_upstream, key, code):
     before = len(fake_upstream.seen)
     response = requests.post(
-        gateway.url + "/proxy/chat/completions",
+        live_gateway.url + "/proxy/chat/completions",
         json={"model": "m"},
         headers={"Authorization": f"Bearer {key}"},
         timeout=10,
@@ -373,6 +375,6 @@ def test_expired_early_and_hash_keys_get_401_under_gunicorn(gateway, fake_upstre
     assert len(fake_upstream.seen) == before
     if code == "expired_client_key":
         deadline = time.monotonic() + 5
-        while "chat-app: a client key that expired at" not in gateway.log_text():
+        while "chat-app: a client key that expired at" not in live_gateway.log_text():
             assert time.monotonic() < deadline, "the expired key's use was not logged"
             time.sleep(0.05)

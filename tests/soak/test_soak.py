@@ -101,20 +101,20 @@ def settle() -> None:
     time.sleep(7)
 
 
-def test_minutes_of_mixed_load_leak_no_memory_or_descriptors(gateway, fake_upstream):
+def test_minutes_of_mixed_load_leak_no_memory_or_descriptors(live_gateway, fake_upstream):
     port = fake_upstream.server_address[1]
-    rate = capacity(gateway) / 2
-    assert not run_load(gateway, rate, min(20.0, SECONDS / 5))  # warm-up: pools, caches
+    rate = capacity(live_gateway) / 2
+    assert not run_load(live_gateway, rate, min(20.0, SECONDS / 5))  # warm-up: pools, caches
     settle()
-    rss_before, (fds_before, pooled_before) = gateway.rss(), descriptors(gateway, port)
-    pids = gateway.worker_pids()
+    rss_before, (fds_before, pooled_before) = live_gateway.rss(), descriptors(live_gateway, port)
+    pids = live_gateway.worker_pids()
 
-    errors = run_load(gateway, rate, SECONDS)
+    errors = run_load(live_gateway, rate, SECONDS)
 
     settle()
-    rss_after, (fds_after, pooled_after) = gateway.rss(), descriptors(gateway, port)
+    rss_after, (fds_after, pooled_after) = live_gateway.rss(), descriptors(live_gateway, port)
     assert errors == [], f"{len(errors)} unexpected errors, first: {errors[0]!r}"
-    assert gateway.worker_pids() == pids
+    assert live_gateway.worker_pids() == pids
     drift = (rss_after - rss_before) / rss_before
     print(
         f"soak: {rate:.0f} calls/s for {SECONDS:.0f} s; RSS {rss_before >> 20} -> "

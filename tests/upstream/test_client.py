@@ -9,8 +9,8 @@ import responses
 from ..support import CANARIES, DEAD_KEY, READONLY_KEY, SLOW_KEY, UPSTREAM, assert_error, envelope
 
 
-def test_redirects_are_returned_not_followed(client, upstream):
-    upstream.add(
+def test_redirects_are_returned_not_followed(client, mocked_upstream):
+    mocked_upstream.add(
         responses.GET,
         f"{UPSTREAM}/models",
         status=302,
@@ -19,7 +19,7 @@ def test_redirects_are_returned_not_followed(client, upstream):
     response = envelope(client, {"path": "/models"})
     assert response.status_code == 302
     assert response.headers["Location"] == "https://elsewhere.example/steal"
-    assert len(upstream.calls) == 1
+    assert len(mocked_upstream.calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -35,24 +35,24 @@ def test_redirects_are_returned_not_followed(client, upstream):
         (requests.exceptions.InvalidHeader("x"), 502, "upstream_error"),
     ],
 )
-def test_transport_failures_get_a_stable_502_or_504(client, upstream, error, status, code):
-    upstream.add(responses.GET, f"{UPSTREAM}/models", body=error)
+def test_transport_failures_get_a_stable_502_or_504(client, mocked_upstream, error, status, code):
+    mocked_upstream.add(responses.GET, f"{UPSTREAM}/models", body=error)
     response = envelope(client, {"path": "/models"})
     assert_error(response, status, code)
     assert type(error).__name__ not in response.get_data(as_text=True)
 
 
-def test_upstream_cookies_are_never_sent_on_a_later_call(client, upstream):
-    upstream.add(
+def test_upstream_cookies_are_never_sent_on_a_later_call(client, mocked_upstream):
+    mocked_upstream.add(
         responses.GET,
         f"{UPSTREAM}/models",
         json={},
         headers={"Set-Cookie": "session=one-clients-cookie; Path=/"},
     )
-    upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
+    mocked_upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
     envelope(client, {"path": "/models"})
     envelope(client, {"path": "/models"}, headers={"Authorization": f"Bearer {READONLY_KEY}"})
-    assert "Cookie" not in upstream.calls[1].request.headers
+    assert "Cookie" not in mocked_upstream.calls[1].request.headers
 
 
 @pytest.mark.parametrize(
@@ -62,9 +62,9 @@ def test_upstream_cookies_are_never_sent_on_a_later_call(client, upstream):
         (DEAD_KEY, "/proxy/anything", 502, "upstream_unreachable"),
     ],
 )
-def test_upstream_timeouts_and_closed_ports(gateway, key, path, status, code):
+def test_upstream_timeouts_and_closed_ports(live_gateway, key, path, status, code):
     response = requests.get(
-        gateway.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=10
+        live_gateway.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=10
     )
     assert response.status_code == status
     assert response.json()["error"] == code
