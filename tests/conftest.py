@@ -49,7 +49,7 @@ def runner(app):
 
 
 @pytest.fixture
-def upstream():
+def mocked_upstream():
     """A mocked upstream for unit tests: every registered call must happen."""
     with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
         yield mock
@@ -57,6 +57,16 @@ def upstream():
 
 @pytest.fixture(scope="session")
 def fake_upstream():
+    from .fake_upstream import FakeUpstream
+
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_fake_upstream():
+    """A fake upstream of the module's own, for tests that start their own gateway or server."""
     from .fake_upstream import FakeUpstream
 
     server = FakeUpstream().start()
@@ -73,7 +83,7 @@ def page_origin():
 
 
 @pytest.fixture(scope="session")
-def gateway(fake_upstream, tmp_path_factory, page_origin):
+def live_gateway(fake_upstream, tmp_path_factory, page_origin):
     """The real app under gunicorn (shipped gunicorn.conf.py) against the fake upstream."""
     from gateway.policy.keys import key_item
 
@@ -102,3 +112,11 @@ def gateway(fake_upstream, tmp_path_factory, page_origin):
     for key in [k for k in config["clients"] if "keys" not in config["clients"][k]] + LIVE_KEYS:
         assert key not in log, "a client key reached the gateway's log"
     assert [line["request_id"] for line in live.access_lines()], "no access lines were written"
+
+
+@pytest.fixture(scope="module")
+def live_workers(live_gateway):
+    """The live gateway's worker pids; the module fails if a worker died or was restarted."""
+    before = live_gateway.worker_pids()
+    yield before
+    assert live_gateway.worker_pids() == before, "a worker died or was restarted"
