@@ -17,9 +17,9 @@ import redis as redis_client
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .live_gateway import LiveGateway
-from .support import CANARIES, write_config
-from .test_spend_live import RedisServer, _usage
+from ..live_gateway import LiveGateway
+from ..support import CANARIES, write_config
+from .test_live import RedisServer, _usage
 
 KEYS = {name: f"ck-attack-{name}-0123456789" for name in ("models", "n", "lease", "free", "odd")}
 CHAT = {"model": "gpt-test", "max_tokens": 20, "messages": [{"role": "user", "content": "Hi"}]}
