@@ -55,8 +55,6 @@ class Setting:
             return "–"
         if isinstance(self.default, bool):
             return f"`{str(self.default).lower()}`"
-        if isinstance(self.default, int):
-            return f"`{self.default}`"
         return f"`{self.default}`"
 
 
@@ -85,6 +83,7 @@ def _limits(scope: str, who: str) -> tuple[Setting, ...]:
 
 _TARGET = "targets.<name>"
 _CLIENT = "clients.<name>"
+_SESSIONS = "clients.<name>.sessions"
 
 CONFIG: tuple[Setting, ...] = (
     Setting("targets", "map", "The upstreams, by name.", required=True),
@@ -204,6 +203,11 @@ CONFIG: tuple[Setting, ...] = (
         high=100_000_000,
     ),
     Setting(
+        f"{_SESSIONS}.ttl", "duration", "Longest token it mints (`90s`, `15m`; 24h at most).", "15m"
+    ),
+    *_limits(_SESSIONS, "for each end user of this client's session tokens"),
+    Setting(f"{_SESSIONS}.notBefore", "date-time", "Its session tokens minted before are refused."),
+    Setting(
         "maxRequestBytes",
         "integer",
         "Largest request body, however it is framed; over it, `413 request_too_large`.",
@@ -269,6 +273,8 @@ CONFIG: tuple[Setting, ...] = (
         "Secret (16+ characters) that `GET /metrics` requires as a bearer token; without "
         "`metrics`, no `/metrics`.",
     ),
+    Setting("sessionSecretRef", "secret name", "Secret (32+ characters) signing session tokens."),
+    Setting("sessionSecretRefs", "list of secret names", "Instead, rotating: `[new, old]`."),
 )
 
 ENVIRONMENT: tuple[Setting, ...] = (
