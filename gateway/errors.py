@@ -57,17 +57,31 @@ CODES: dict[str, Code] = {
     "invalid_choice_count": Code(
         400, "`n`, `best_of` or `candidateCount` not a whole number from 1 to 128"
     ),
+    "invalid_session_request": Code(
+        400, "`POST /sessions` without a valid `user`, `origin` or `ttl` (`fields` says which)"
+    ),
     "missing_client_key": Code(401, "no `Authorization: Bearer` (or `x-api-key`)"),
     "invalid_client_key": Code(
         401, "the key is not in the config, or not valid yet (`notBefore`); a hash is not a key"
     ),
     "expired_client_key": Code(401, "the key's `expires` has passed"),
+    "invalid_session_token": Code(
+        401,
+        "a `gs_` session token that is forged or altered, signed with a secret the gateway "
+        "does not hold, minted before `sessions.notBefore`, or of a client without `sessions`",
+    ),
+    "expired_session_token": Code(401, "the session token's `expires` has passed; mint a new one"),
     "invalid_metrics_token": Code(
         401, "`GET /metrics` without the metrics token (`metrics.tokenRef`)"
     ),
     "method_not_allowed": Code(403, "method outside `allowedMethods`"),
     "path_not_allowed": Code(403, "path outside `allowedPaths`"),
-    "origin_not_allowed": Code(403, "browser `Origin` outside `allowedOrigins`"),
+    "origin_not_allowed": Code(
+        403,
+        "browser `Origin` outside `allowedOrigins`; for a session token, an `Origin` other "
+        "than the token's, or none",
+    ),
+    "sessions_not_allowed": Code(403, "`POST /sessions` by a client without `sessions`"),
     "model_not_allowed": Code(
         403, "a model (body, `models` list, path or query) outside `allowedModels`"
     ),

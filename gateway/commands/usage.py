@@ -18,6 +18,7 @@ __all__ = ["init_app"]
 _KEYS = {
     "client": lambda row: row.client,
     "model": lambda row: row.model,
+    "user": lambda row: row.user or "(client key)",
     "day": lambda row: datetime.fromtimestamp(row.time, UTC).strftime("%Y-%m-%d"),
 }
 
@@ -60,15 +61,18 @@ def _printable(text: str) -> str:
     show_default=True,
     help="What one row totals.",
 )
+@click.option("--client", "only", metavar="NAME", help="Only this client's calls.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
 @with_appcontext
-def usage(since: str | None, by: str, as_csv: bool) -> None:
+def usage(since: str | None, by: str, only: str | None, as_csv: bool) -> None:
     """Print the LLM tokens recorded in the limit storage, one row per group."""
     require(current_app, "flask usage")  # the config says where the limit storage is
     try:
         rows = current_app.extensions["gateway.limits"].usage(_since(since))
     except StoreUnavailable as exc:
         raise click.ClickException(f"the limit storage cannot be read ({exc})") from None
+    if only is not None:
+        rows = [row for row in rows if row.client == only]
     table = totals(rows, by)
     header = (by, "calls", "input_tokens", "output_tokens", "total_tokens")
     lines = [(name, calls, inp, out, inp + out) for name, calls, inp, out in table]
