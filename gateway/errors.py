@@ -86,6 +86,9 @@ CODES: dict[str, Code] = {
         403, "a model (body, `models` list, path or query) outside `allowedModels`"
     ),
     "max_tokens_not_allowed": Code(403, "`max_tokens` above the client's `maxTokens`"),
+    "model_not_priced": Code(
+        403, "a model with no entry in `prices`, called by a client or target with `limits.cost`"
+    ),
     "not_found": Code(404, "no such gateway route"),
     "route_method_not_allowed": Code(405, "e.g. `GET /proxy`"),
     "request_timeout": Code(408, "the request body did not arrive within `bodyTimeoutMs`"),
@@ -94,7 +97,11 @@ CODES: dict[str, Code] = {
     "headers_too_large": Code(431, "too many or too large request headers"),
     "rate_limited": Code(429, "over a `limits.requests` rate; see `Retry-After`"),
     "too_many_concurrent": Code(429, "over `limits.concurrent` calls in flight"),
-    "quota_exhausted": Code(429, "the `limits.tokens` budget is spent; see `Retry-After`"),
+    "quota_exhausted": Code(
+        429,
+        "a `limits.tokens` or `limits.cost` budget cannot pay for the call; `RateLimit-*` "
+        "describe it, see `Retry-After`",
+    ),
     "internal_error": Code(500, "a gateway bug; the log says where, never with request data"),
     "not_implemented": Code(501, "a transfer coding gunicorn does not support"),
     "upstream_unreachable": Code(502, "could not connect to the upstream"),

@@ -69,12 +69,10 @@ def _limits(scope: str, who: str) -> tuple[Setting, ...]:
             "list of rates",
             f"Request limits {who}, e.g. `[10/second, 1000/day]`; over one, `429 rate_limited`.",
         ),
-        Setting(
+        _integer(
             f"{scope}.limits.concurrent",
-            "integer",
+            (1, 1_000_000),
             f"Calls {who} at once, streams included; over it, `429 too_many_concurrent`.",
-            low=1,
-            high=1_000_000,
         ),
         Setting(
             f"{scope}.limits.tokens",
@@ -82,6 +80,29 @@ def _limits(scope: str, who: str) -> tuple[Setting, ...]:
             f"Token budgets {who}, e.g. `[200000/day]`, reserved at admission and settled "
             "to the usage the answer reports; spent, `429 quota_exhausted`.",
         ),
+        Setting(
+            f"{scope}.limits.cost",
+            "list of amounts per period",
+            f"Budgets in money {who}, e.g. `[5/day, 100/month]`, counted at `prices` like "
+            "`tokens`; an unpriced model is `403 model_not_priced`.",
+        ),
+    )
+
+
+def _ceiling(scope: str, more: str) -> Setting:
+    return _integer(
+        f"{scope}.defaultMaxTokens",
+        (1, 100_000_000),
+        f"The output ceiling added to an LLM call that sets none (instead of "
+        f"`400 max_tokens_required`){more}.",
+    )
+
+
+def _prices(scope: str, more: str) -> Setting:
+    return Setting(
+        f"{scope}prices",
+        "map of model pattern to `{input, output}`",
+        f"Prices per million tokens in your currency; patterns as in `allowedModels`{more}.",
     )
 
 
@@ -121,9 +142,11 @@ CONFIG: tuple[Setting, ...] = (
     Setting(
         f"{_TARGET}.injectUsage",
         "boolean",
-        "Ask an OpenAI-style stream to report its usage when a token budget applies.",
+        "Ask an OpenAI-style stream to report its usage when a token or cost budget applies.",
         default=True,
     ),
+    _prices(f"{_TARGET}.", ", the first match wins; tried before the top-level `prices`"),
+    _ceiling(_TARGET, " for its clients without their own"),
     Setting(
         "secrets",
         "map",
@@ -131,10 +154,7 @@ CONFIG: tuple[Setting, ...] = (
         "`.env`; a variable unset or a secret empty is an error.",
     ),
     Setting(
-        "clients",
-        "map",
-        "The clients, by name (or, seed style, by plaintext key).",
-        required=True,
+        "clients", "map", "The clients, by name (or, seed style, by plaintext key).", required=True
     ),
     Setting(
         f"{_CLIENT}.keys",
@@ -200,6 +220,7 @@ CONFIG: tuple[Setting, ...] = (
         (1, 100_000_000),
         "The largest output ceiling (`max_tokens`) a call may ask for; a call must set one.",
     ),
+    _ceiling(_CLIENT, ""),
     Setting(
         f"{_SESSIONS}.ttl", "duration", "Longest token it mints (`90s`, `15m`; 24h at most).", "15m"
     ),
@@ -270,15 +291,11 @@ CONFIG: tuple[Setting, ...] = (
     ),
     Setting("sessionSecretRef", "secret name", "Secret (32+ characters) signing session tokens."),
     Setting("sessionSecretRefs", "list of secret names", "Instead, rotating: `[new, old]`."),
+    _prices("", ", the first match wins; a target's own `prices` are tried first"),
 )
 
 ENVIRONMENT: tuple[Setting, ...] = (
-    Setting(
-        "GATEWAY_CONFIG",
-        "path",
-        "The config file.",
-        shown="`instance/config.yaml`",
-    ),
+    Setting("GATEWAY_CONFIG", "path", "The config file.", shown="`instance/config.yaml`"),
     Setting(
         "GATEWAY_ENV_FILE",
         "path",
@@ -293,10 +310,7 @@ ENVIRONMENT: tuple[Setting, ...] = (
     ),
     Setting("GATEWAY_BIND", "address", "Where gunicorn listens.", default="127.0.0.1:8787"),
     Setting(
-        "GATEWAY_WORKERS",
-        "integer",
-        "gunicorn worker processes.",
-        shown="the number of cores",
+        "GATEWAY_WORKERS", "integer", "gunicorn worker processes.", shown="the number of cores"
     ),
     Setting(
         "GATEWAY_WORKER_CLASS",
@@ -330,10 +344,7 @@ ENVIRONMENT: tuple[Setting, ...] = (
         default=120,
     ),
     Setting(
-        "GATEWAY_KEEPALIVE",
-        "integer",
-        "Seconds an idle client connection is held open.",
-        default=5,
+        "GATEWAY_KEEPALIVE", "integer", "Seconds an idle client connection is held open.", default=5
     ),
     Setting(
         "GATEWAY_POOL_SIZE",
@@ -343,12 +354,7 @@ ENVIRONMENT: tuple[Setting, ...] = (
         default=100,
     ),
     Setting("GATEWAY_LOG_LEVEL", "string", "gunicorn's error log level.", default="info"),
-    Setting(
-        "GATEWAY_ERROR_LOG",
-        "path",
-        "gunicorn's error log; `-` is stderr.",
-        default="-",
-    ),
+    Setting("GATEWAY_ERROR_LOG", "path", "gunicorn's error log; `-` is stderr.", default="-"),
     Setting(
         "GATEWAY_CONTROL_SOCKET",
         "path",

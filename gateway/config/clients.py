@@ -17,13 +17,14 @@ from ..errors import PolicyError
 from ..policy.access import METHODS, Client, PathPattern, Target, parse_origin
 from ..policy.headers import check_header
 from ..policy.keys import KeyItem, is_key_item, key_digest
-from ..policy.limits import LimitSet, parse_rate
+from ..policy.limits import LimitSet, parse_cost, parse_rate
 from ..policy.models import ModelPattern
+from ..policy.prices import Price, PriceTable
 from ..policy.sessions import SessionPolicy, parse_ttl
 from ..settings import default
 from .schema import CLIENT_NAME, NAME_RULE
 
-__all__ = ["build_clients", "client_labels", "is_named"]
+__all__ = ["build_clients", "client_labels", "is_named", "limit_set", "price_table"]
 
 _READ_TIMEOUT_MS = default("clients.<name>.timeoutMs")
 _CONNECT_TIMEOUT_MS = default("clients.<name>.connectTimeoutMs")
@@ -151,6 +152,7 @@ def _build_client(
         problems.append(
             f"{where}.sessions: needs allowedOrigins, the web origins its session tokens are for"
         )
+    _check_ceilings(where, spec, target, problems)
     if len(problems) > before or target is None or not complete or not keys:
         return None
     return Client(
@@ -166,8 +168,25 @@ def _build_client(
         limits=limit_set(spec.get("limits", {})),
         models=tuple(ModelPattern.compile(text) for text in spec.get("allowedModels", [])),
         max_tokens=spec.get("maxTokens"),
+        default_max_tokens=spec.get("defaultMaxTokens", target.default_max_tokens),
         sessions=_sessions(spec["sessions"]) if "sessions" in spec else None,
     )
+
+
+def _check_ceilings(
+    where: str, spec: dict[str, Any], target: Target | None, problems: list[str]
+) -> None:
+    """Refuse a default ceiling above the client's maxTokens: every call using it would fail."""
+    ceiling = spec.get("maxTokens")
+    if ceiling is None:
+        return
+    if spec.get("defaultMaxTokens", 0) > ceiling:
+        problems.append(f"{where}.defaultMaxTokens: must be at most maxTokens ({ceiling})")
+    elif "defaultMaxTokens" not in spec and (target and target.default_max_tokens or 0) > ceiling:
+        problems.append(
+            f"{where}.maxTokens: is below its target's defaultMaxTokens "
+            f"({target.default_max_tokens}); set the client's own defaultMaxTokens"
+        )
 
 
 def _sessions(spec: dict[str, Any]) -> SessionPolicy:
@@ -185,6 +204,14 @@ def limit_set(spec: dict[str, Any]) -> LimitSet:
         requests=tuple(parse_rate(text) for text in spec.get("requests", [])),
         concurrent=spec.get("concurrent"),
         tokens=tuple(parse_rate(text) for text in spec.get("tokens", [])),
+        cost=tuple(parse_cost(text) for text in spec.get("cost", [])),
+    )
+
+
+def price_table(spec: dict[str, Any]) -> PriceTable:
+    """Return the prices of a ``prices:`` entry, in the order written (checked by the schema)."""
+    return PriceTable.build(
+        (pattern, Price(price["input"], price["output"])) for pattern, price in spec.items()
     )
 
 

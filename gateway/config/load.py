@@ -20,7 +20,7 @@ from ..policy.secret_forms import GuardedSecrets, guarded_variants
 from ..policy.sessions import MIN_SECRET_LENGTH, Session, SessionKeys
 from ..settings import GLOBAL, default
 from ..upstream import tls
-from .clients import build_clients, client_labels, limit_set
+from .clients import build_clients, client_labels, limit_set, price_table
 from .schema import checked_part
 
 __all__ = ["SECRET_VARIABLE", "GatewayConfig", "parse_config"]
@@ -202,6 +202,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
     # Keep checking what the schema accepted, so every problem is reported at once.
     data = checked_part(raw, name_of, problems)
 
+    prices = price_table(data.get("prices", {}))
     targets: dict[str, Target] = {}
     for name, spec in data.get("targets", {}).items():
         where = f"targets.{name}"
@@ -225,6 +226,8 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
             **tls_files,
             limits=limit_set(spec.get("limits", {})),
             inject_usage=spec.get("injectUsage", default("targets.<name>.injectUsage")),
+            prices=price_table(spec.get("prices", {})) + prices,
+            default_max_tokens=spec.get("defaultMaxTokens"),
         )
 
     secrets = {

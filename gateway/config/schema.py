@@ -10,7 +10,8 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from ..policy.keys import PREFIX, instant, is_key_item
-from ..policy.limits import parse_rate
+from ..policy.limits import parse_cost, parse_rate
+from ..policy.prices import parse_price
 from ..policy.sessions import parse_ttl
 from ..settings import setting
 
@@ -50,10 +51,49 @@ def _rate(text: str) -> None:
         raise ValidationError(str(exc)) from None
 
 
+def _cost(text: str) -> None:
+    try:
+        parse_cost(text)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+
 class ScopeLimitsSchema(Schema):
     requests = fields.List(fields.String(validate=_rate))
     concurrent = _integer("clients.<name>.limits.concurrent")
     tokens = fields.List(fields.String(validate=_rate))
+    cost = fields.List(fields.String(validate=_cost))
+
+
+class PriceField(fields.Field):
+    """A price: ``{input, output}`` per million tokens, each read as micro-units.
+
+    Checked by hand, not by a nested schema: a price is one value of the
+    ``prices`` table, and its problems are located at the pattern.
+    """
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValidationError("must be {input: <price>, output: <price>} per million tokens")
+        errors = {str(name): ["unknown field"] for name in value.keys() - {"input", "output"}}
+        price = {}
+        for name in ("input", "output"):
+            try:
+                price[name] = parse_price(value[name]) if name in value else None
+            except ValueError as exc:
+                errors[name] = [str(exc)]
+            if name not in value:
+                errors[name] = ["is required"]
+        if errors:
+            raise ValidationError(errors)
+        return price
+
+
+def _prices() -> fields.Dict:
+    return fields.Dict(
+        keys=fields.String(validate=_non_empty('write a model pattern, e.g. "anthropic/claude-*"')),
+        values=PriceField(),
+    )
 
 
 def _ttl(text: str) -> None:
@@ -92,6 +132,8 @@ class TargetSchema(Schema):
     clientKey = fields.String(validate=_non_empty("write the path of a PEM file"))
     limits = fields.Nested(ScopeLimitsSchema)
     injectUsage = fields.Boolean(truthy={True}, falsy={False})
+    prices = _prices()
+    defaultMaxTokens = _integer("targets.<name>.defaultMaxTokens")
 
 
 def _hash_problem(value: Any, shape: str) -> str:
@@ -190,6 +232,7 @@ class ClientSchema(Schema):
         validate=_non_empty("leave allowedModels out to allow any model"),
     )
     maxTokens = _integer("clients.<name>.maxTokens")
+    defaultMaxTokens = _integer("clients.<name>.defaultMaxTokens")
     sessions = fields.Nested(SessionsSchema)
 
 
@@ -222,6 +265,7 @@ class ConfigSchema(Schema):
     metrics = fields.Nested(MetricsSchema)
     sessionSecretRef = fields.String(validate=_non_empty("write the name of a secret"))
     sessionSecretRefs = Strings(validate=_non_empty("write [new, old] while rotating"))
+    prices = _prices()
 
 
 _SECTIONS = {"targets": TargetSchema, "clients": ClientSchema}

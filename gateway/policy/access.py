@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import PolicyError
 from .limits import LimitSet
+from .prices import PriceTable
 
 if TYPE_CHECKING:
     from .keys import KeyItem
@@ -178,6 +179,8 @@ class Target:
     client_key: str | None = None
     limits: LimitSet = LimitSet()  # all clients of this target together
     inject_usage: bool = True  # ask OpenAI-style streams for usage when a budget applies
+    prices: PriceTable = PriceTable()  # its own prices first, then the top-level ones
+    default_max_tokens: int | None = None  # the ceiling added to a call that names none
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ class Client:
     limits: LimitSet = LimitSet()
     models: tuple[ModelPattern, ...] = ()  # allowedModels; empty: any model
     max_tokens: int | None = None
+    default_max_tokens: int | None = None  # wins over its target's
     sessions: SessionPolicy | None = None  # may mint browser session tokens
 
     def check(self, method: str, path: str) -> PathPattern:

@@ -14,22 +14,26 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import GatewayError
+from ..errors import GatewayError, PolicyError
 from ..policy.access import Client
 from ..policy.limits import Ask, Ticket
+from ..policy.prices import Price, PriceTable
 from ..policy.sessions import Session
-from .calls import NOT_PARSED, LLMCall, read_call, with_usage_requested
+from .calls import NOT_PARSED, LLMCall, read_call, rewritten_body
 from .meter import UsageMeter
 from .store.base import Store, StoreUnavailable, UsageRow
 
-__all__ = ["Admission", "admit"]
+__all__ = ["Admission", "admit", "price_of"]
 
 log = logging.getLogger(__name__)
 
 _REFUSALS = {
     "rate_limited": "{who} has made too many calls; wait for Retry-After seconds.",
     "too_many_concurrent": "{who} has too many calls in flight; wait for one to end.",
-    "quota_exhausted": "{who}'s token budget is spent; wait for Retry-After seconds.",
+    "quota_exhausted": (
+        "{who}'s {kind} budget cannot pay for this call; RateLimit-* describe it, "
+        "wait for Retry-After seconds."
+    ),
 }
 _WHO = {False: "This client key", True: "This session's user (or its client)"}
 
@@ -46,6 +50,7 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)  # RateLimit-* for the answer
     meter: UsageMeter | None = None
     user: str | None = None  # a session token's end user
+    price: Price | None = None  # the call's price, when every model it names has one
 
     def finish(self, status: int | None, sent: bool = True) -> None:
         """End the call's hold: free its slot, settle its tokens, record its usage.
@@ -56,6 +61,10 @@ class Admission:
         tokens = self.meter.tokens if self.meter is not None else None
         if not sent:
             tokens = 0
+        cost = None
+        if self.price is not None and tokens is not None:
+            cost = self.price.cost(self.meter.input_tokens or 0, self.meter.output_tokens or 0)
+            cost = cost if sent else 0
         if self.meter is not None and self.meter.distrusted:
             kinds = " and ".join(sorted(self.meter.distrusted))
             log.warning(
@@ -76,10 +85,11 @@ class Admission:
                 self.meter.output_tokens if self.meter else None,
                 status or 0,
                 self.user,
+                cost,
             )
         try:
             if self.ticket is not None:
-                self.store.finish(self.ticket, tokens, row)  # one step, usage included
+                self.store.finish(self.ticket, tokens, row, cost)  # one step, usage included
             elif row is not None:
                 self.store.record(row)
         except StoreUnavailable as exc:
@@ -109,21 +119,37 @@ def admit(
     if session is not None and client.sessions is not None:
         candidates.insert(0, (session.scope, client.sessions.limits))
     scopes = tuple((scope, limits) for scope, limits in candidates if limits)
-    budgeted = any(limits.tokens for _, limits in scopes)
+    priced = any(limits.cost for _, limits in scopes)
+    budgeted = priced or any(limits.tokens for _, limits in scopes)
     upstream_path = urlsplit(target.base_url).path + path  # where path-named models are read
-    llm = read_call(body, query, client.models, client.max_tokens, budgeted, parsed, upstream_path)
+    llm = read_call(
+        body,
+        query,
+        client.models,
+        client.max_tokens,
+        budgeted,
+        parsed,
+        upstream_path,
+        client.default_max_tokens,
+    )
     admission = Admission(client, store if scopes or llm.model else None, llm)
     admission.user = session.user if session is not None else None
-    if llm.model is not None and budgeted and target.inject_usage:
-        admission.body = with_usage_requested(llm, path)
+    if llm.model is not None:
+        admission.price = price_of(llm, target.prices, priced)
+        admission.body = rewritten_body(llm, upstream_path, budgeted and target.inject_usage)
     if not scopes:
         return admission
-    if llm.model is None:  # token budgets count LLM calls only
-        scopes = tuple((s, replace(limits, tokens=())) for s, limits in scopes)
+    if llm.model is None:  # token and cost budgets count LLM calls only
+        scopes = tuple((s, replace(limits, tokens=(), cost=())) for s, limits in scopes)
         scopes = tuple((s, limits) for s, limits in scopes if limits)
-    reservation = llm.reservation(len(admission.body or body or b"")) if llm.model else 0
+    reservation = cost = 0
+    if llm.model is not None:
+        size = len(admission.body or body or b"")
+        reservation = llm.reservation(size)
+        if admission.price is not None:
+            cost = admission.price.cost(size, (llm.ceiling or 0) * llm.count)
     try:
-        verdict = store.admit(Ask(scopes, reservation))
+        verdict = store.admit(Ask(scopes, reservation, cost))
     except StoreUnavailable as exc:
         if fail_open:
             log.warning("%s: limits unavailable (%s); let through (failOpen)", client.label, exc)
@@ -134,7 +160,27 @@ def admit(
         ) from None
     admission.headers = verdict.headers()
     if not verdict.admitted:
-        message = _REFUSALS[verdict.code].format(who=_WHO[session is not None])
+        kind = verdict.quotas[0].kind if verdict.quotas else "token"
+        message = _REFUSALS[verdict.code].format(who=_WHO[session is not None], kind=kind)
         raise GatewayError(verdict.code, message, headers=admission.headers)
     admission.ticket = verdict.ticket
     return admission
+
+
+def price_of(llm: LLMCall, prices: PriceTable, required: bool) -> Price | None:
+    """Return the price a call is counted at: the highest of every model it names.
+
+    A fallback list (OpenRouter's ``models``) may be served by any of its
+    models, so each must have a price. ``required`` (a cost budget applies)
+    refuses a call with a model that has none: ``model_not_priced``.
+    """
+    found = [prices.price(model) for model in llm.models]
+    if any(price is None for price in found) or not found:
+        if required:
+            raise PolicyError(
+                "model_not_priced",
+                "has a cost budget, and the gateway has no price for a model this call names; "
+                "the operator can add it to prices",
+            )
+        return None
+    return Price(max(p.input for p in found), max(p.output for p in found))

@@ -11,6 +11,7 @@ against the client's ``allowedModels``, and every name must be a plain one
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from urllib.parse import unquote
 
 from ..errors import PolicyError
 from ..policy.models import ModelPattern
-from .dialects import EVERY, Field, fold
+from .dialects import DIALECTS, EVERY, Field, fold
 
 # read_call's default: the body has not been read as JSON yet.
 NOT_PARSED: Any = object()
@@ -29,7 +30,7 @@ __all__ = [
     "NOT_PARSED",
     "LLMCall",
     "read_call",
-    "with_usage_requested",
+    "rewritten_body",
 ]
 
 # Model names go into logs, usage rows and metric labels: short and printable.
@@ -48,6 +49,8 @@ class LLMCall:
     ceiling: int | None
     body: dict[str, Any] | None
     count: int = 1  # answers the upstream generates (n, best_of, candidateCount)
+    ceiling_added: bool = False  # the call named none: the gateway adds defaultMaxTokens
+    models: tuple[str, ...] = ()  # every model the call names (fallbacks included)
 
     def reservation(self, body_size: int) -> int:
         """Return the tokens to reserve: the ceiling for each answer plus a bound on the prompt.
@@ -133,6 +136,7 @@ def read_call(
     needs_ceiling: bool,
     parsed: Any = NOT_PARSED,
     path: str = "",
+    default_ceiling: int | None = None,
 ) -> LLMCall:
     """Read a call and check its model and ceiling; raise ``PolicyError`` if refused.
 
@@ -142,6 +146,7 @@ def read_call(
     JSON object (or empty) that names its model; elsewhere a body that is not
     JSON is simply not an LLM call.
     ``parsed`` is the body already read as JSON (the envelope's), to skip reading it again.
+    ``default_ceiling`` (defaultMaxTokens) is the ceiling of a call that names none.
     """
     strict = bool(models) or max_tokens is not None or needs_ceiling
     if parsed is NOT_PARSED:
@@ -181,11 +186,14 @@ def read_call(
                 f"must ask for 1 to {MAX_COUNT} answers (n, best_of, candidateCount)",
                 MAX_COUNT,
             )
+    added = ceiling is None and default_ceiling is not None and fields is not None
+    if added:
+        ceiling = default_ceiling
     if ceiling is None and (max_tokens is not None or needs_ceiling):
         raise PolicyError("max_tokens_required", "must set max_tokens (or max_completion_tokens)")
     if max_tokens is not None and ceiling is not None and ceiling > max_tokens:
         raise PolicyError("max_tokens_not_allowed", f"may ask for at most {max_tokens} tokens")
-    return LLMCall(model, ceiling, parsed, count or 1)
+    return LLMCall(model, ceiling, parsed, count or 1, added, tuple(named.every()))
 
 
 def _all(body: dict[str, Any], spots: tuple[Field, ...], refuse: Refusal | None) -> list[Any]:
@@ -231,19 +239,52 @@ class _Named:
         return next(iter(self.path + self.body + self.query), None)
 
 
-def with_usage_requested(call: LLMCall, path: str) -> bytes | None:
-    """Return the body rewritten to ask for streamed usage, or None if it needs no change.
+# Where a dialect's upstream reads the output ceiling the gateway adds, by the path's end.
+_GEMINI = DIALECTS["gemini"].path_models[0]
+_CEILING_SPOTS = (
+    (re.compile(r"/converse(?:-stream)?\Z"), ("inferenceConfig", "maxTokens")),
+    (_GEMINI, ("generationConfig", "maxOutputTokens")),
+    (re.compile(r"/responses\Z"), ("max_output_tokens",)),
+)
 
-    OpenAI-style chat streams report usage only when asked
-    (``stream_options.include_usage``); Anthropic's streams always do.
+
+def rewritten_body(call: LLMCall, path: str, ask_usage: bool) -> bytes | None:
+    """Return the body as the upstream gets it, or None if the gateway changes nothing.
+
+    The gateway adds the ceiling of a call that named none (``ceiling_added``),
+    in the field its dialect reads (``path`` is the upstream's), and with
+    ``ask_usage`` asks an OpenAI-style chat stream to report its usage
+    (``stream_options.include_usage``; Anthropic's streams always do).
     """
     body = call.body
-    if not body or body.get("stream") is not True or not path.endswith("/chat/completions"):
+    if not body:
         return None
+    changed = False
+    if call.ceiling_added:
+        keys = next((spot for rule, spot in _CEILING_SPOTS if rule.search(path)), ("max_tokens",))
+        body = _with(body, keys, call.ceiling)
+        changed = True
     options = body.get("stream_options")
     if options is None:
         options = {}
-    if not isinstance(options, dict) or options.get("include_usage") is True:
+    if (
+        ask_usage
+        and body.get("stream") is True
+        and path.endswith("/chat/completions")
+        and isinstance(options, dict)
+        and options.get("include_usage") is not True
+    ):
+        body = {**body, "stream_options": {**options, "include_usage": True}}
+        changed = True
+    if not changed:
         return None
-    rewritten = {**body, "stream_options": {**options, "include_usage": True}}
-    return json.dumps(rewritten, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _with(body: dict[str, Any], keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """Return a copy of ``body`` with ``value`` at the path ``keys`` (inner objects copied)."""
+    first, *rest = keys
+    if not rest:
+        return {**body, first: value}
+    inner = body.get(first)
+    return {**body, first: _with(inner if isinstance(inner, dict) else {}, tuple(rest), value)}

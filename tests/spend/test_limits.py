@@ -11,7 +11,7 @@ import pytest
 from gateway.errors import PolicyError
 from gateway.policy.limits import Ask, LimitSet, parse_rate
 from gateway.policy.models import ModelPattern
-from gateway.spend.calls import read_call, with_usage_requested
+from gateway.spend.calls import read_call, rewritten_body
 from gateway.spend.meter import UsageMeter
 from gateway.spend.store.base import DryStore, StoreUnavailable, UsageRow
 from gateway.spend.store.sqlite import SQLiteStore
@@ -58,6 +58,7 @@ def test_a_request_limit_counts_and_resets_with_its_window(store):
         "RateLimit-Limit": "2",
         "RateLimit-Remaining": "0",
         "RateLimit-Reset": "30",
+        "RateLimit-Policy": '2;w=60;kind="requests"',
     }
     assert store.admit(ask, NOW + 30).admitted  # the next minute
 
@@ -356,9 +357,9 @@ def test_without_rules_a_body_that_is_not_json_is_simply_not_an_llm_call():
 
 def test_streamed_chat_calls_are_asked_for_usage():
     call = _read({"model": "openai/gpt-4o-mini", "max_tokens": 5, "stream": True})
-    body = json.loads(with_usage_requested(call, "/chat/completions"))
+    body = json.loads(rewritten_body(call, "/chat/completions", True))
     assert body["stream_options"] == {"include_usage": True}
-    assert with_usage_requested(call, "/v1/messages") is None  # Anthropic reports it anyway
+    assert rewritten_body(call, "/v1/messages", True) is None  # Anthropic reports it anyway
 
 
 # --- usage read from answers -----------------------------------------------------------

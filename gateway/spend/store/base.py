@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ...policy.limits import Ask, Quota, Ticket, Verdict, counter_key
+from ...policy.limits import Ask, Budget, Quota, Ticket, Verdict, budget
 from ...settings import default
 
 __all__ = [
@@ -53,51 +53,70 @@ class UsageRow:
     output_tokens: int | None
     status: int
     user: str | None = None  # a session token's end user
+    cost: int | None = None  # micro-units, for a priced call whose usage is known
 
 
 @dataclass(frozen=True)
 class Plan:
     """An Ask turned into store keys for ``now``."""
 
-    requests: list[tuple[str, int, int, bool]]  # key, limit, window end, client scope?
+    requests: list[Budget]
     slots: list[tuple[str, int]]  # key, limit
-    tokens: list[tuple[str, int, int]]  # key, budget, window end
-    reservation: int
+    budgets: list[tuple[Budget, int]]  # token and cost budgets, each with this call's amount
 
 
 def make_plan(ask: Ask, now: float) -> Plan:
-    requests, slots, tokens = [], [], []
+    requests, slots, budgets = [], [], []
     for scope, limits in ask.scopes:
-        for rate in limits.requests:
-            key, end = counter_key("req", scope, rate, now)
-            # RateLimit-* tell of the client's and its user's rates, not the target's.
-            requests.append((key, rate.count, end, scope.startswith(("client:", "user:"))))
+        requests += [budget("requests", scope, rate, now) for rate in limits.requests]
         if limits.concurrent:
             slots.append((f"conc:{scope}", limits.concurrent))
-        for rate in limits.tokens:
-            key, end = counter_key("tok", scope, rate, now)
-            tokens.append((key, rate.count, end))
-    return Plan(requests, slots, tokens, ask.reservation)
+        budgets += [(budget("tokens", scope, rate, now), ask.reservation) for rate in limits.tokens]
+        budgets += [(budget("cost", scope, rate, now), ask.cost) for rate in limits.cost]
+    return Plan(requests, slots, budgets)
+
+
+def _quota(limit: Budget, remaining: int, now: float) -> Quota:
+    start, end = limit.rate.window(now)
+    return Quota(limit.rate.count, remaining, end - now, limit.kind, end - start)
+
+
+def _shown(limit: Budget) -> bool:
+    # RateLimit-* tell of the client's and its user's limits, not the target's
+    # (unless a target's limit is the one refusing).
+    return limit.scope.startswith(("client:", "user:"))
 
 
 def plan_verdict(
-    plan: Plan, now: float, used: list[int], failed: str | None, index: int
+    plan: Plan, now: float, used: list[int], held: list[int], failed: str | None, index: int
 ) -> Verdict:
-    """Build the answer from the request counters' values before this call."""
-    quotas = []
-    for (_, limit, end, client), count in zip(plan.requests, used, strict=False):
-        if client:
-            after = count if failed else count + 1
-            quotas.append(Quota(limit, limit - after, end - now))
-    if failed is None:
-        return Verdict(True, quotas=quotas)
+    """Build the answer from the counters' values before this call.
+
+    ``used`` is each request counter's count, ``held`` each budget's spent plus
+    reserved amount, as far as the check read them.
+    """
     if failed == "rate_limited":
-        retry = plan.requests[index][2] - now
-    elif failed == "quota_exhausted":
-        retry = plan.tokens[index][2] - now
-    else:
-        retry = 1.0
-    return Verdict(False, code=failed, retry_after=retry, quotas=quotas)
+        limit = plan.requests[index]
+        quota = _quota(limit, limit.rate.count - used[index], now)
+        return Verdict(False, failed, limit.end - now, quotas=[quota])
+    if failed == "quota_exhausted":
+        limit, _ = plan.budgets[index]
+        quota = _quota(limit, limit.rate.count - held[index], now)
+        return Verdict(False, failed, limit.end - now, quotas=[quota])
+    after = 0 if failed else 1
+    quotas = [
+        _quota(limit, limit.rate.count - count - after, now)
+        for limit, count in zip(plan.requests, used, strict=False)
+        if _shown(limit)
+    ]
+    if failed is not None:  # too_many_concurrent
+        return Verdict(False, failed, 1.0, quotas=quotas)
+    quotas += [
+        _quota(limit, limit.rate.count - spent - amount, now)
+        for (limit, amount), spent in zip(plan.budgets, held, strict=False)
+        if _shown(limit)
+    ]
+    return Verdict(True, quotas=quotas)
 
 
 class _Leases:
@@ -146,7 +165,7 @@ class Store:
         verdict = self._admit(plan, ticket.id, now)
         if verdict.admitted:
             ticket.slots = [key for key, _ in plan.slots]
-            ticket.reservations = [(key, plan.reservation) for key, _, _ in plan.tokens]
+            ticket.reservations = [(b.key, b.kind, amount) for b, amount in plan.budgets]
             verdict.ticket = ticket
             if ticket.slots:
                 self.leases.hold(ticket)
@@ -157,9 +176,16 @@ class Store:
         now = time.time() if now is None else now
         return self._check(make_plan(ask, now), now)
 
-    def finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None = None) -> None:
-        """Free the ticket's slots; replace its reservations by ``tokens`` (None: spent).
+    def finish(
+        self,
+        ticket: Ticket,
+        tokens: int | None,
+        usage: UsageRow | None = None,
+        cost: int | None = None,
+    ) -> None:
+        """Free the ticket's slots; replace its reservations by ``tokens`` and ``cost``.
 
+        None for either means unknown: that reservation stays spent whole.
         ``usage``, if given, is recorded in the same step.
         """
         if ticket.done:
@@ -167,11 +193,24 @@ class Store:
         ticket.done = True
         self.leases.drop(ticket)
         if ticket.slots or ticket.reservations:
-            self._finish(ticket, tokens, usage)
+            actual = {"tokens": tokens, "cost": cost}
+            settled = [
+                (key, reserved, reserved if actual[kind] is None else actual[kind])
+                for key, kind, reserved in ticket.reservations
+            ]
+            self._finish(ticket, settled, usage)
         elif usage is not None:
             self.record(usage)
 
     def record(self, row: UsageRow) -> None:
+        raise NotImplementedError
+
+    def counts(self, limits: list[Budget]) -> list[int]:
+        """Return what each counter holds now: calls, or amount spent plus reserved."""
+        raise NotImplementedError
+
+    def reset(self, limits: list[Budget]) -> None:
+        """Clear what each counter has spent; calls in flight keep their reservations."""
         raise NotImplementedError
 
     def usage(self, since: float) -> list[UsageRow]:
@@ -183,7 +222,10 @@ class Store:
     def _check(self, plan: Plan, now: float) -> Verdict:
         raise NotImplementedError
 
-    def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
+    def _finish(
+        self, ticket: Ticket, settled: list[tuple[str, int, int]], usage: UsageRow | None
+    ) -> None:
+        """Free the slots; for each (key, reserved, spent), take back reserved, add spent."""
         raise NotImplementedError
 
     def _renew(self, held: list[tuple[str, str]]) -> None:
@@ -203,7 +245,13 @@ class DryStore:
     def admit(self, ask: Ask, now: float | None = None) -> Verdict:
         return self._store.check(ask, now)
 
-    def finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None = None) -> None:
+    def finish(
+        self,
+        ticket: Ticket,
+        tokens: int | None,
+        usage: UsageRow | None = None,
+        cost: int | None = None,
+    ) -> None:
         """Settle nothing: a dry admission holds nothing."""
 
     def record(self, row: UsageRow) -> None:

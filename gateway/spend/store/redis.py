@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from ...policy.limits import Ticket, Verdict
+from ...policy.limits import Budget, Ticket, Verdict
 from .base import LEASE_SECONDS, Plan, Store, StoreUnavailable, UsageRow, plan_verdict
 
 __all__ = ["RedisStore"]
@@ -18,28 +18,29 @@ __all__ = ["RedisStore"]
 _CHECKS = """
 local a = cjson.decode(ARGV[1])
 local used = {}
+local held = {}
 for i, r in ipairs(a.requests) do
   used[i] = tonumber(redis.call('GET', r[1]) or '0')
   if used[i] + 1 > r[2] then
-    return cjson.encode({failed = 'rate_limited', index = i - 1, used = used})
+    return cjson.encode({failed = 'rate_limited', index = i - 1, used = used, held = held})
   end
 end
 for i, s in ipairs(a.slots) do
   redis.call('ZREMRANGEBYSCORE', s[1], '-inf', a.now)
   if redis.call('ZCARD', s[1]) >= s[2] then
-    return cjson.encode({failed = 'too_many_concurrent', index = i - 1, used = used})
+    return cjson.encode({failed = 'too_many_concurrent', index = i - 1, used = used, held = held})
   end
 end
-for i, t in ipairs(a.tokens) do
-  local spent = tonumber(redis.call('HGET', t[1], 'used') or '0')
-  local reserved = tonumber(redis.call('HGET', t[1], 'reserved') or '0')
-  if spent + reserved + a.reservation > t[2] then
-    return cjson.encode({failed = 'quota_exhausted', index = i - 1, used = used})
+for i, b in ipairs(a.budgets) do
+  local spent = tonumber(redis.call('HGET', b[1], 'used') or '0')
+  held[i] = spent + tonumber(redis.call('HGET', b[1], 'reserved') or '0')
+  if held[i] + b[4] > b[2] then
+    return cjson.encode({failed = 'quota_exhausted', index = i - 1, used = used, held = held})
   end
 end
 """
 
-_CHECK = _CHECKS + "return cjson.encode({used = used})\n"
+_CHECK = _CHECKS + "return cjson.encode({used = used, held = held})\n"
 
 _ADMIT = (
     _CHECKS
@@ -51,11 +52,11 @@ for i, s in ipairs(a.slots) do
   redis.call('ZADD', s[1], a.now + a.lease, a.ticket)
   redis.call('EXPIRE', s[1], math.ceil(a.lease) * 2)
 end
-for i, t in ipairs(a.tokens) do
-  redis.call('HINCRBY', t[1], 'reserved', a.reservation)
-  redis.call('EXPIREAT', t[1], t[3] + 86400)
+for i, b in ipairs(a.budgets) do
+  redis.call('HINCRBY', b[1], 'reserved', b[5])
+  redis.call('EXPIREAT', b[1], b[3] + 86400)
 end
-return cjson.encode({used = used})
+return cjson.encode({used = used, held = held})
 """
 )
 
@@ -85,6 +86,24 @@ return 1
 """
 
 
+# A request counter is a string, a budget a hash whose reservations stay held.
+_RESET = """
+for i, key in ipairs(KEYS) do
+  if redis.call('TYPE', key).ok == 'hash' then
+    redis.call('HSET', key, 'used', 0)
+  elseif redis.call('EXISTS', key) == 1 then
+    redis.call('SET', key, 0, 'KEEPTTL')
+  end
+end
+return 1
+"""
+
+
+def _list(value: Any) -> list[int]:
+    # cjson writes an empty table as {}, and a number past 14 digits in exponent form.
+    return [int(v) for v in value] if isinstance(value, list) else []
+
+
 class RedisStore(Store):
     """Counters in Redis: one Lua script per check, exact across hosts."""
 
@@ -108,6 +127,7 @@ class RedisStore(Store):
                     "check": client.register_script(_CHECK),
                     "finish": client.register_script(_FINISH),
                     "renew": client.register_script(_RENEW),
+                    "reset": client.register_script(_RESET),
                 },
             )
         return self._client[1]
@@ -128,7 +148,9 @@ class RedisStore(Store):
 
     def _script(self, script: str, plan: Plan, ticket: str, now: float) -> Verdict:
         keys = (
-            [r[0] for r in plan.requests] + [s[0] for s in plan.slots] + [t[0] for t in plan.tokens]
+            [r.key for r in plan.requests]
+            + [s[0] for s in plan.slots]
+            + [b.key for b, _ in plan.budgets]
         )
         answer = json.loads(
             self._call(
@@ -138,30 +160,32 @@ class RedisStore(Store):
                     "now": now,
                     "lease": LEASE_SECONDS,
                     "ticket": ticket,
-                    "reservation": plan.reservation,
-                    "requests": [list(r[:3]) for r in plan.requests],
+                    "requests": [[r.key, r.rate.count, r.end] for r in plan.requests],
                     "slots": [list(s) for s in plan.slots],
-                    "tokens": [list(t) for t in plan.tokens],
+                    # The amount twice: as a number to compare, as a string for HINCRBY.
+                    "budgets": [
+                        [b.key, b.rate.count, b.end, amount, str(amount)]
+                        for b, amount in plan.budgets
+                    ],
                 },
             )
         )
-        used = answer.get("used") or []
-        if isinstance(used, dict):  # cjson writes an empty table as {}
-            used = []
-        return plan_verdict(plan, now, used, answer.get("failed"), answer.get("index", 0))
+        used, held = (_list(answer.get(name)) for name in ("used", "held"))
+        return plan_verdict(plan, now, used, held, answer.get("failed"), answer.get("index", 0))
 
-    def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
+    def _finish(
+        self, ticket: Ticket, settled: list[tuple[str, int, int]], usage: UsageRow | None
+    ) -> None:
         if usage is not None:
             self.record(usage)
         self._call(
             "finish",
-            ticket.slots + [key for key, _ in ticket.reservations],
+            ticket.slots + [key for key, _, _ in settled],
             {
                 "ticket": ticket.id,
                 "slots": ticket.slots,
                 "reservations": [
-                    [key, str(-reserved), str(reserved if tokens is None else tokens)]
-                    for key, reserved in ticket.reservations
+                    [key, str(-reserved), str(spent)] for key, reserved, spent in settled
                 ],
             },
         )
@@ -176,6 +200,27 @@ class RedisStore(Store):
                 "held": [list(h) for h in held],
             },
         )
+
+    def counts(self, limits: list[Budget]) -> list[int]:
+        import redis
+
+        try:
+            pipe = self._redis()["client"].pipeline(transaction=False)
+            for limit in limits:
+                if limit.kind == "requests":
+                    pipe.get(limit.key)
+                else:
+                    pipe.hmget(limit.key, "used", "reserved")
+            values = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis: {type(exc).__name__}") from None
+        return [
+            sum(int(v or 0) for v in value) if isinstance(value, list) else int(value or 0)
+            for value in values
+        ]
+
+    def reset(self, limits: list[Budget]) -> None:
+        self._call("reset", [limit.key for limit in limits], {})
 
     def record(self, row: UsageRow) -> None:
         import redis

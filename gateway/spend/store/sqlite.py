@@ -12,7 +12,7 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
-from ...policy.limits import Ticket, Verdict
+from ...policy.limits import Budget, Ticket, Verdict
 from .base import LEASE_SECONDS, Plan, Store, StoreUnavailable, UsageRow, plan_verdict
 
 __all__ = ["SQLiteStore"]
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS slots (
 );
 CREATE TABLE IF NOT EXISTS usage (
     time REAL NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
-    input_tokens INTEGER, output_tokens INTEGER, status INTEGER NOT NULL, user TEXT
+    input_tokens INTEGER, output_tokens INTEGER, status INTEGER NOT NULL, user TEXT, cost INTEGER
 );
 CREATE INDEX IF NOT EXISTS usage_time ON usage (time);
 """
@@ -59,6 +59,8 @@ class SQLiteStore(Store):
             columns = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
             if "user" not in columns:  # a file from before sessions
                 db.execute("ALTER TABLE usage ADD COLUMN user TEXT")
+            if "cost" not in columns:  # a file from before prices
+                db.execute("ALTER TABLE usage ADD COLUMN cost INTEGER")
             self._local = (os.getpid(), db, _worker_thread())
         return self._local[1], self._local[2]
 
@@ -102,33 +104,35 @@ class SQLiteStore(Store):
         verdict = _checked(db, plan, now)
         if not verdict.admitted:
             return verdict
-        for key, _, end, _ in plan.requests:
+        for limit in plan.requests:
             db.execute(
                 "INSERT INTO counters VALUES (?, ?, 1, 0) "
                 "ON CONFLICT (key) DO UPDATE SET used = used + 1",
-                (key, end),
+                (limit.key, limit.end),
             )
         for key, _ in plan.slots:
             db.execute("INSERT INTO slots VALUES (?, ?, ?)", (key, ticket, now + LEASE_SECONDS))
-        for key, _, end in plan.tokens:
+        for limit, amount in plan.budgets:
             db.execute(
                 "INSERT INTO counters VALUES (?, ?, 0, ?) "
                 "ON CONFLICT (key) DO UPDATE SET reserved = reserved + excluded.reserved",
-                (key, end, plan.reservation),
+                (limit.key, limit.end, amount),
             )
         return verdict
 
-    def _finish(self, ticket: Ticket, tokens: int | None, usage: UsageRow | None) -> None:
+    def _finish(
+        self, ticket: Ticket, settled: list[tuple[str, int, int]], usage: UsageRow | None
+    ) -> None:
         def work(db: sqlite3.Connection) -> None:
             if usage is not None:
                 _insert_usage(db, usage)
             for key in ticket.slots:
                 db.execute("DELETE FROM slots WHERE key = ? AND ticket = ?", (key, ticket.id))
-            for key, reserved in ticket.reservations:
+            for key, reserved, spent in settled:
                 db.execute(
                     "UPDATE counters SET reserved = MAX(0, reserved - ?), used = used + ? "
                     "WHERE key = ?",
-                    (reserved, reserved if tokens is None else tokens, key),
+                    (reserved, spent, key),
                 )
 
         self._transaction(work)
@@ -148,39 +152,55 @@ class SQLiteStore(Store):
     def usage(self, since: float) -> list[UsageRow]:
         rows = self._run(
             lambda db: db.execute(
-                "SELECT time, client, model, input_tokens, output_tokens, status, user "
+                "SELECT time, client, model, input_tokens, output_tokens, status, user, cost "
                 "FROM usage WHERE time >= ? ORDER BY time",
                 (since,),
             ).fetchall()
         )
         return [UsageRow(*row) for row in rows]
 
+    def counts(self, limits: list[Budget]) -> list[int]:
+        def read(db: sqlite3.Connection) -> list[int]:
+            return [sum(_counter(db, limit.key)) for limit in limits]
+
+        return self._run(read)
+
+    def reset(self, limits: list[Budget]) -> None:
+        self._transaction(
+            lambda db: db.executemany(
+                "UPDATE counters SET used = 0 WHERE key = ?", [(limit.key,) for limit in limits]
+            )
+        )
+
 
 def _checked(db: sqlite3.Connection, plan: Plan, now: float) -> Verdict:
     """Read every limit of ``plan``: the refusal of the first one reached, or admitted."""
 
-    def counter(key: str) -> tuple[int, int]:
-        row = db.execute("SELECT used, reserved FROM counters WHERE key = ?", (key,)).fetchone()
-        return row or (0, 0)
-
-    used = [counter(key)[0] for key, _, _, _ in plan.requests]
-    for i, ((_, limit, _, _), count) in enumerate(zip(plan.requests, used, strict=True)):
-        if count + 1 > limit:
-            return plan_verdict(plan, now, used, "rate_limited", i)
+    used = [_counter(db, limit.key)[0] for limit in plan.requests]
+    for i, (limit, count) in enumerate(zip(plan.requests, used, strict=True)):
+        if count + 1 > limit.rate.count:
+            return plan_verdict(plan, now, used, [], "rate_limited", i)
     for i, (key, limit) in enumerate(plan.slots):
         db.execute("DELETE FROM slots WHERE key = ? AND expires <= ?", (key, now))
-        (held,) = db.execute("SELECT COUNT(*) FROM slots WHERE key = ?", (key,)).fetchone()
-        if held >= limit:
-            return plan_verdict(plan, now, used, "too_many_concurrent", i)
-    for i, (key, budget, _) in enumerate(plan.tokens):
-        spent, reserved = counter(key)
-        if spent + reserved + plan.reservation > budget:
-            return plan_verdict(plan, now, used, "quota_exhausted", i)
-    return plan_verdict(plan, now, used, None, 0)
+        (taken,) = db.execute("SELECT COUNT(*) FROM slots WHERE key = ?", (key,)).fetchone()
+        if taken >= limit:
+            return plan_verdict(plan, now, used, [], "too_many_concurrent", i)
+    held = []
+    for i, (limit, amount) in enumerate(plan.budgets):
+        held.append(sum(_counter(db, limit.key)))
+        if held[i] + amount > limit.rate.count:
+            return plan_verdict(plan, now, used, held, "quota_exhausted", i)
+    return plan_verdict(plan, now, used, held, None, 0)
+
+
+def _counter(db: sqlite3.Connection, key: str) -> tuple[int, int]:
+    """Return a counter's (used, reserved), or zeros for a window not counted yet."""
+    row = db.execute("SELECT used, reserved FROM counters WHERE key = ?", (key,)).fetchone()
+    return row or (0, 0)
 
 
 def _insert_usage(db: sqlite3.Connection, row: UsageRow) -> None:
-    db.execute("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?)", astuple(row))
+    db.execute("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(row))
 
 
 def _worker_thread():
