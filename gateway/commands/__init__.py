@@ -1,4 +1,4 @@
-"""The ``flask --app gateway`` commands: check-config, keys, explain, usage.
+"""The ``flask --app gateway`` commands: check-config, keys, explain, usage, limits.
 
 May import every package but the app factory.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import config, explain, usage
+from . import config, explain, limits, usage
 
 __all__ = ["init_app"]
 
@@ -17,3 +17,4 @@ def init_app(app: Flask) -> None:
     config.init_app(app)
     explain.init_app(app)
     usage.init_app(app)
+    limits.init_app(app)

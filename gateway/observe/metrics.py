@@ -24,12 +24,16 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..errors import GatewayError
+from ..policy.limits import MICRO
+from ..spend.budgets import budget_states
+from ..spend.store.base import StoreUnavailable
 from .record import Record
 
-__all__ = ["OTHER_MODEL", "Metrics", "init_app"]
+__all__ = ["OTHER_MODEL", "BudgetCollector", "Metrics", "init_app"]
 
 bp = Blueprint("metrics", __name__)
 
@@ -53,6 +57,7 @@ class Metrics:
         self._children: dict[tuple, Any] = {}
         self._max_models = max_models
         self._models: set[str] = set()
+        self.budgets: BudgetCollector | None = None  # read from the store at each scrape
         self.requests = Counter(
             "gateway_requests",
             "Answers sent, by client, target and status.",
@@ -132,7 +137,46 @@ class Metrics:
         return model
 
 
-def _scrape(registry: CollectorRegistry) -> bytes:
+class BudgetCollector:
+    """Each client's limits and what their current windows hold, read from the store at scrape.
+
+    The store is shared by every worker (and host), so these are gauges of the
+    whole gateway, read once per scrape; cost is in units of the billing currency.
+    """
+
+    def __init__(self, extensions: dict[str, Any]) -> None:
+        self._extensions = extensions  # the app's: its limit store is opened after this
+
+    def describe(self) -> list:
+        """Describe nothing ahead: registering must not read the store (not open yet)."""
+        return []
+
+    def collect(self) -> Any:
+        labels = ["client", "kind", "window"]
+        used = GaugeMetricFamily(
+            "gateway_budget_used",
+            "What a client's current window holds: calls, or tokens or cost spent plus reserved.",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            "gateway_budget_limit", "A client's limit for its window.", labels=labels
+        )
+        store = self._extensions["gateway.limits"]
+        clients = [c for c in self._extensions["gateway.config"].clients if c.limits]
+        try:
+            states = budget_states(store, clients) if clients else []
+        except StoreUnavailable:
+            states = []  # the scrape still answers; the gauges are missing, not wrong
+        for state in states:
+            scale = MICRO if state.kind == "cost" else 1
+            values = [state.client, state.kind, state.window]
+            used.add_metric(values, state.used / scale)
+            limit.add_metric(values, state.limit / scale)
+        yield used
+        yield limit
+
+
+def _scrape(registry: CollectorRegistry, budgets: BudgetCollector) -> bytes:
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         return generate_latest(registry)
@@ -143,6 +187,7 @@ def _scrape(registry: CollectorRegistry) -> bytes:
         fcntl.flock(fd, fcntl.LOCK_SH)
         merged = CollectorRegistry()
         MultiProcessCollector(merged, folder)
+        merged.register(budgets)
         return generate_latest(merged)
     finally:
         os.close(fd)
@@ -162,13 +207,17 @@ def metrics():
             "Send the metrics token (metrics.tokenRef) as Authorization: Bearer <token>.",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    body = _scrape(current_app.extensions["gateway.metrics"].registry)
+    metrics = current_app.extensions["gateway.metrics"]
+    body = _scrape(metrics.registry, metrics.budgets)
     return Response(body, content_type=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask) -> None:
     """Feed the metrics from every request of ``app``; serve them if the config says so."""
-    metrics = Metrics(CollectorRegistry(), app.extensions["gateway.config"].max_model_labels)
+    config = app.extensions["gateway.config"]
+    metrics = Metrics(CollectorRegistry(), config.max_model_labels)
+    metrics.budgets = BudgetCollector(app.extensions)
+    metrics.registry.register(metrics.budgets)
     app.extensions["gateway.metrics"] = metrics
     observers = app.extensions["gateway.observers"]
     observers.forwarding.append(metrics.forwarding)

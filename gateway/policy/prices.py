@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from .limits import MICRO
 from .models import ModelPattern
 
-__all__ = ["Price", "PriceTable", "parse_price"]
+__all__ = ["Price", "PriceTable", "money", "parse_price"]
 
 # A price is written with at most 6 decimals and below this: exact as an integer.
 MAX_PRICE = 1_000_000
@@ -67,3 +67,10 @@ class PriceTable:
     def price(self, model: str) -> Price | None:
         """Return the price of ``model``, or None if no pattern matches it."""
         return next((price for pattern, price in self.entries if pattern.matches(model)), None)
+
+
+def money(micro: int) -> str:
+    """Return an amount of micro-units in units with six decimals, e.g. ``1.250000``."""
+    sign = "-" if micro < 0 else ""
+    whole, part = divmod(abs(micro), MICRO)
+    return f"{sign}{whole}.{part:06d}"
