@@ -1,9 +1,10 @@
-"""What spend control costs: the gateway with request, concurrency and token limits on and off.
+"""What spend control costs: the gateway with request, concurrency, token and cost limits.
 
     .venv/bin/python -m bench.limits [--runs 5] [--duration 5]
 
-Starts the bench upstream and three gateways on it: no limits, limits in SQLite
-(the embedded default) and limits in Redis (if redis-server is installed). wrk
+Starts the bench upstream and four gateways on it: no limits, limits in SQLite
+(the embedded default), limits in Redis (if redis-server is installed), and a
+cost budget alone in SQLite (prices looked up, money reserved and settled). wrk
 sends LLM-shaped envelope calls (a ``model`` and ``max_tokens``, so every limit
 applies), interleaved run by run. Then four processes hammer one SQLite store
 directly to find the longest a single check waited. Prints a Markdown section.
@@ -27,13 +28,17 @@ LLM_ENVELOPE = (
     '"body":{"model":"bench-model","max_tokens":16,"messages":[]}}'
 )
 LIMITS = "    limits: {requests: [100000000/day], concurrent: 100000, tokens: [100000000000/day]}\n"
+COST = (
+    "    limits: {cost: [999999999/day]}\n"
+    'prices: {"bench-*": {input: 0.15, output: 0.60}, "*": {input: 3, output: 15}}\n'
+)
 
 
 def _config(bench_run: Bench, name: str, storage: str | None, limited: bool) -> str:
     path = bench_run.tmp / f"config-{name}.yaml"
     text = bench_run.write_config(f"base-{name}.yaml", bench_run.upstream).read_text()
     if limited:
-        text += LIMITS
+        text += COST if name == "cost" else LIMITS
     if storage:
         text += f"limits: {{storage: '{storage}'}}\n"
     path.write_text(text)
@@ -77,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Bench(args)
-    names = ["off", "sqlite"]
+    names = ["off", "sqlite", "cost"]
     redis = None
     if shutil.which("redis-server"):
         names.append("redis")
@@ -90,6 +95,7 @@ def main() -> None:
     storages = {
         "off": f"sqlite:///{run.tmp}/limits-off.sqlite3",  # usage records only
         "sqlite": f"sqlite:///{run.tmp}/limits.sqlite3",
+        "cost": f"sqlite:///{run.tmp}/limits-cost.sqlite3",
         "redis": f"redis://127.0.0.1:{redis_port}/0" if redis else None,
     }
     systems: dict[str, System] = {}
@@ -120,11 +126,12 @@ def main() -> None:
     med = statistics.median
     off = systems["off"]
     lines = [
-        "## Spend control cost (issue 10)",
+        "## Spend control cost (issues 10 and 20)",
         "",
         f"`python -m bench.limits --runs {args.runs} --duration {args.duration}`: LLM-shaped "
         "envelope calls with request, concurrency and token limits all applying (set high, so "
-        "none refuses), against the same gateway with no limits; wrk at 32 connections, "
+        "none refuses), and with a cost budget alone (`limits cost`: a price looked up, money "
+        "reserved and settled), against the same gateway with no limits; wrk at 32 connections, "
         "interleaved run by run; medians.",
         "",
         "| gateway | req/s | p99 ms | errors | vs no limits (median of per-run ratios) |",
