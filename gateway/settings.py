@@ -125,6 +125,12 @@ CONFIG: tuple[Setting, ...] = (
         default=True,
     ),
     Setting(
+        f"{_TARGET}.dialect",
+        "`openai`, `anthropic` or `none`",
+        "The error shape of the gateway's refusals in transparent mode (`none`: flat); left "
+        "out, each call's path and headers decide. Models and usage are read in every dialect.",
+    ),
+    Setting(
         "secrets",
         "map",
         "Secrets by name, each a string with `${VAR}` references to the environment or "

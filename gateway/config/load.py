@@ -225,6 +225,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
             **tls_files,
             limits=limit_set(spec.get("limits", {})),
             inject_usage=spec.get("injectUsage", default("targets.<name>.injectUsage")),
+            dialect=spec.get("dialect"),
         )
 
     secrets = {

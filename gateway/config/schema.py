@@ -9,6 +9,7 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from ..errors import DIALECTS
 from ..policy.keys import PREFIX, instant, is_key_item
 from ..policy.limits import parse_rate
 from ..policy.sessions import parse_ttl
@@ -92,6 +93,9 @@ class TargetSchema(Schema):
     clientKey = fields.String(validate=_non_empty("write the path of a PEM file"))
     limits = fields.Nested(ScopeLimitsSchema)
     injectUsage = fields.Boolean(truthy={True}, falsy={False})
+    dialect = fields.String(
+        validate=validate.OneOf(DIALECTS, error="must be one of {choices}, or left out")
+    )
 
 
 def _hash_problem(value: Any, shape: str) -> str:

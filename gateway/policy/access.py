@@ -178,6 +178,7 @@ class Target:
     client_key: str | None = None
     limits: LimitSet = LimitSet()  # all clients of this target together
     inject_usage: bool = True  # ask OpenAI-style streams for usage when a budget applies
+    dialect: str | None = None  # the error shape of its refusals (errors.DIALECTS); None: by call
 
 
 @dataclass(frozen=True)
