@@ -26,6 +26,7 @@ __all__ = [
     "error_body",
     "error_type",
     "markdown_table",
+    "read_error",
     "should_retry",
 ]
 
@@ -204,6 +205,17 @@ def error_body(
     if fields:
         body["fields"] = fields
     return body
+
+
+def read_error(body: Any) -> tuple[str, str]:
+    """Return the code and message of an error body in any of ``error_body``'s shapes."""
+    if not isinstance(body, dict):
+        return "?", ""
+    error = body.get("error")
+    if isinstance(error, dict):  # OpenAI's or Anthropic's shape
+        body = error
+        error = error.get("code")
+    return str(error or "?"), str(body.get("message", ""))
 
 
 # The longest Retry-After worth waiting out in a call: the OpenAI SDK gives up

@@ -116,13 +116,16 @@ def _error_responses(shapes: tuple[str, ...]) -> dict:
     for code, (status, _) in CODES.items():
         by_status.setdefault(status, []).append(code)
     schema = {"oneOf": list(shapes)} if len(shapes) > 1 else shapes[0]
+    where = (
+        "`error`" if len(shapes) == 1 else "The code (`error`, or `error.code` in an SDK's shape)"
+    )
     headers = {
         name: {"description": text, "schema": {"type": "string"}}
         for name, text in _ERROR_HEADERS.items()
     }
     return {
         str(status): {
-            "description": f"{HTTPStatus(status).phrase}. The code is one of: {', '.join(codes)}.",
+            "description": f"{HTTPStatus(status).phrase}. {where} is one of: {', '.join(codes)}.",
             "headers": headers,
             "content": {"application/json": {"schema": schema}},
         }
