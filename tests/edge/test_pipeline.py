@@ -11,7 +11,7 @@ import responses
 from gateway.edge import pipeline, stages
 from gateway.errors import GatewayError
 
-from ..support import CANARIES, UPSTREAM
+from ..support import CANARIES, UPSTREAM, error_code
 
 HELD_KEY = "ck-test-held-0123456789"
 HELD = {"Authorization": f"Bearer {HELD_KEY}"}
@@ -136,7 +136,7 @@ def test_a_refusal_after_admission_releases_slot_and_reservation(
     if upstream_answer is not None:
         mocked_upstream.add(responses.POST, f"{UPSTREAM}/chat/completions", body=upstream_answer)
     answer = _call(client, mode, headers)
-    assert (answer.status_code, answer.get_json()["error"]) == (status, code)
+    assert (answer.status_code, error_code(answer.get_json())) == (status, code)
     answer.close()
     _assert_released_and_next_call_admitted(app, client, mode, mocked_upstream)
 
