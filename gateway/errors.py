@@ -229,10 +229,12 @@ def should_retry(code: str, retry_after: str | None) -> bool | None:
     """Return what ``x-should-retry`` says for a refusal: whether a retry can succeed.
 
     Both SDKs obey the header before their own rule, which retries every 408,
-    409, 429 and 5xx (``_should_retry`` in openai/ and anthropic/_base_client.py).
+    409, 429 and 5xx (``_should_retry`` in openai/ and anthropic/_base_client.py,
+    openai 3.51 and anthropic 2.10; only the OpenAI SDK first refuses a
+    Retry-After over 120 s); the value must be exactly "true" or "false".
     False for a refusal no retry changes (a 4xx but 408, a spent budget, a wait
-    over ``MAX_RETRY_WAIT``), True for a rate or slot that frees soon, None
-    (no header: the SDK decides) for a timeout or a failure.
+    over ``MAX_RETRY_WAIT``), True for a rate or slot that frees soon, None (no
+    header: the SDK decides) for a timeout or a failure.
     """
     status = CODES[code].status
     if code in ("rate_limited", "too_many_concurrent"):

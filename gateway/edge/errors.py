@@ -75,9 +75,8 @@ def config_invalid_app(problems: list[str]) -> Callable[..., Iterable[bytes]]:
     return app
 
 
-# The headers each SDK reads its exception's ``request_id`` from:
-# openai/_exceptions.py (APIStatusError) reads x-request-id,
-# anthropic/_exceptions.py (APIStatusError) reads request-id.
+# The headers each SDK reads its exception's ``request_id`` from (APIStatusError.__init__):
+# openai/_exceptions.py reads x-request-id, anthropic/_exceptions.py reads request-id.
 _SDK_ID_HEADERS = ("x-request-id", "request-id")
 
 
