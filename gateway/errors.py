@@ -4,6 +4,8 @@ The bottom of the house: every package may import it, it imports nothing of the
 gateway and no Flask. ``GatewayError`` is what a client sees (a code from
 ``CODES`` and a message); ``PolicyError`` is a rule's refusal, phrased by the
 edge; ``ConfigError`` lists every problem of a config with its location.
+``error_body`` writes a refusal in the one flat shape, or in the error shape of
+an API whose SDK made the call (``DIALECTS``), with the same code and message.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import click
 
 __all__ = [
     "CODES",
+    "DIALECTS",
+    "MAX_RETRY_WAIT",
     "Code",
     "ConfigError",
     "GatewayError",
     "PolicyError",
+    "dialect_table",
     "error_body",
+    "error_type",
     "markdown_table",
+    "read_error",
+    "should_retry",
 ]
 
 
@@ -141,14 +149,121 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
 
+# The APIs whose error shape a refusal can take (``none``: the flat shape). A
+# target's ``dialect`` names one; see ``edge.dialect`` for how a call picks one.
+DIALECTS = ("openai", "anthropic", "none")
+
+# The kind of a refusal (``error.type``) in each API's shape: by code, else by
+# status, else "client" below 500 and "server" from 500 on. The kinds are the
+# ones each API sends itself: OpenAI's invalid_request_error for every refusal
+# but a 429 (a bad key included), insufficient_quota for a spent quota, and
+# server_error; Anthropic's one type per status (its SDK lists them in
+# anthropic/types/shared/error_type.py).
+_TYPES: dict[str, dict[int | str, str]] = {
+    "openai": {
+        429: "requests",
+        "quota_exhausted": "insufficient_quota",
+        "client": "invalid_request_error",
+        "server": "server_error",
+    },
+    "anthropic": {
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        "client": "invalid_request_error",
+        "server": "api_error",
+    },
+}
+
+
+def error_type(dialect: str, code: str) -> str:
+    """Return the ``error.type`` that ``dialect``'s SDK reads for the gateway's ``code``."""
+    types = _TYPES[dialect]
+    status = CODES[code].status
+    if code in types:
+        return types[code]
+    if status in types:
+        return types[status]
+    return types["client" if status < 500 else "server"]
+
+
 def error_body(
-    code: str, message: str, request_id: str, fields: dict[str, Any] | None = None
+    code: str,
+    message: str,
+    request_id: str,
+    fields: dict[str, Any] | None = None,
+    dialect: str = "none",
 ) -> dict:
-    """Return the JSON error shape: ``{"error", "message", "request_id"}``, field errors if any."""
+    """Return a refusal's JSON body in ``dialect``'s shape; the flat one for ``none``.
+
+    Flat: ``{"error", "message", "request_id"}`` and field errors if any. Each
+    API's shape carries the gateway's code as ``error.code`` and the same message.
+    """
+    if dialect == "openai":
+        kind = error_type(dialect, code)
+        error = {"message": message, "type": kind, "param": None, "code": code}
+        return {"error": error, "request_id": request_id}
+    if dialect == "anthropic":
+        error = {"type": error_type(dialect, code), "message": message, "code": code}
+        return {"type": "error", "error": error, "request_id": request_id}
     body: dict[str, Any] = {"error": code, "message": message, "request_id": request_id}
     if fields:
         body["fields"] = fields
     return body
+
+
+def read_error(body: Any) -> tuple[str, str]:
+    """Return the code and message of an error body in any of ``error_body``'s shapes."""
+    if not isinstance(body, dict):
+        return "?", ""
+    error = body.get("error")
+    if isinstance(error, dict):  # OpenAI's or Anthropic's shape
+        body = error
+        error = error.get("code")
+    return str(error or "?"), str(body.get("message", ""))
+
+
+# The longest Retry-After worth waiting out in a call: the OpenAI SDK gives up
+# on any over 120 s (openai/_constants.py MAX_RETRY_AFTER_DELAY), the Anthropic
+# SDK sleeps whatever it is told (anthropic/_base_client.py
+# _calculate_retry_timeout, up to 49 days); a minute is a wait a caller expects.
+MAX_RETRY_WAIT = 60
+
+
+def should_retry(code: str, retry_after: str | None) -> bool | None:
+    """Return what ``x-should-retry`` says for a refusal: whether a retry can succeed.
+
+    Both SDKs obey the header before their own rule, which retries every 408,
+    409, 429 and 5xx (``_should_retry`` in openai/ and anthropic/_base_client.py,
+    openai 3.51 and anthropic 2.10; only the OpenAI SDK first refuses a
+    Retry-After over 120 s); the value must be exactly "true" or "false".
+    False for a refusal no retry changes (a 4xx but 408, a spent budget, a wait
+    over ``MAX_RETRY_WAIT``), True for a rate or slot that frees soon, None (no
+    header: the SDK decides) for a timeout or a failure.
+    """
+    status = CODES[code].status
+    if code in ("rate_limited", "too_many_concurrent"):
+        wait = int(retry_after) if retry_after and retry_after.isdigit() else 0
+        return wait <= MAX_RETRY_WAIT
+    if status == 408 or status >= 500:
+        return None
+    return False
+
+
+def dialect_table() -> str:
+    """Return the README's table of the ``error.type`` each API's shape gives, by status."""
+    rows = ["| status | OpenAI `error.type` | Anthropic `error.type` |", "| --- | --- | --- |"]
+    for status in sorted({known.status for known in CODES.values()}):
+        kinds: dict[tuple[str, str], list[str]] = {}
+        for name in (name for name, known in CODES.items() if known.status == status):
+            pair = (error_type("openai", name), error_type("anthropic", name))
+            kinds.setdefault(pair, []).append(name)
+        for (openai, anthropic), names in kinds.items():
+            where = str(status) if len(kinds) == 1 else f"{status} (`{'`, `'.join(names)}`)"
+            rows.append(f"| {where} | `{openai}` | `{anthropic}` |")
+    return "\n".join(rows)
 
 
 def markdown_table() -> str:

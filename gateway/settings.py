@@ -16,15 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "CONFIG",
-    "ENVIRONMENT",
-    "GLOBAL",
-    "Setting",
-    "default",
-    "markdown_table",
-    "setting",
-]
+__all__ = ["CONFIG", "ENVIRONMENT", "GLOBAL", "Setting", "default", "markdown_table", "setting"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +139,12 @@ CONFIG: tuple[Setting, ...] = (
     ),
     _prices(f"{_TARGET}.", ", the first match wins; tried before the top-level `prices`"),
     _ceiling(_TARGET, " for its clients without their own"),
+    Setting(
+        f"{_TARGET}.dialect",
+        "`openai`, `anthropic` or `none`",
+        "The error shape of the gateway's refusals in transparent mode (`none`: flat); left "
+        "out, each call's path and headers decide. Models and usage are read in every dialect.",
+    ),
     Setting(
         "secrets",
         "map",

@@ -8,6 +8,8 @@ import pytest
 import requests
 import yaml
 
+from gateway.errors import read_error
+
 # Every secret in the tests is a canary: no response, header or log line may hold one.
 CANARIES = {
     "CANARY_OPENAI": "sk-canary-openai-3f9a1c",
@@ -65,6 +67,11 @@ def write_config(path, config: dict) -> str:
     return str(path)
 
 
+def error_code(body: dict) -> str:
+    """Return the gateway's code from an error body in any shape (flat, OpenAI's, Anthropic's)."""
+    return read_error(body)[0]
+
+
 def assert_no_canary(text: str | bytes) -> None:
     """Fail if ``text`` holds any canary secret."""
     if isinstance(text, bytes):
@@ -85,7 +92,16 @@ NEXT_KEY = "ck-test-named-next-0123456789"  # a second key: rotation with overla
 EXPIRED_KEY = "ck-test-named-expired-0123456789"
 EARLY_KEY = "ck-test-named-early-0123456789"
 DOCS_KEY = "ck-test-docs-try-0123456789"  # a named client that allows the gateway's own origin
-LIVE_KEYS = [NAMED_KEY, NEXT_KEY, EXPIRED_KEY, EARLY_KEY, DOCS_KEY]
+# Named clients the SDK tests are refused by: a token budget no call fits in
+# (quota_exhausted), and a rate of one call per second (rate_limited).
+BUDGET_KEY = "ck-test-sdk-budget-0123456789"
+ANTHROPIC_BUDGET_KEY = "ck-test-sdk-anthropic-budget-0123456789"
+RATE_KEY = "ck-test-sdk-rate-0123456789"
+ANTHROPIC_RATE_KEY = "ck-test-sdk-anthropic-rate-0123456789"
+LIVE_KEYS = [
+    NAMED_KEY, NEXT_KEY, EXPIRED_KEY, EARLY_KEY, DOCS_KEY,
+    BUDGET_KEY, ANTHROPIC_BUDGET_KEY, RATE_KEY, ANTHROPIC_RATE_KEY,
+]  # fmt: skip
 
 
 def named_client() -> dict:
@@ -136,6 +152,7 @@ def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
         "timeoutMs": 500,
     }
     config["clients"]["chat-app"] = named_client()
+    _add_sdk_clients(config)
     config["clients"][DEAD_KEY] = {
         "target": "dead",
         "authHeaderRef": "openai",
@@ -144,6 +161,33 @@ def live_config(upstream_url: str, dead_url: str, page_origin: str) -> dict:
         "connectTimeoutMs": 1000,
     }
     return config
+
+
+def _add_sdk_clients(config: dict) -> None:
+    """Add the clients the SDK tests are refused by (see BUDGET_KEY), one per SDK and rule."""
+    from gateway.policy.keys import key_item
+
+    openai_style = {
+        "target": "api",
+        "authHeaderRef": "openai",
+        "allowedMethods": ["POST"],
+        "allowedPaths": ["/chat/completions"],
+    }
+    anthropic_style = {
+        "target": "anthropic",
+        "secretHeaders": {"x-api-key": "anthropic"},
+        "allowedMethods": ["POST"],
+        "allowedPaths": ["/v1/messages"],
+    }
+    budget = {"limits": {"tokens": ["1/day"]}, "maxTokens": 100}
+    rate = {"limits": {"requests": ["1/second"]}}
+    for name, key, style, rule in (
+        ("sdk-budget", BUDGET_KEY, openai_style, budget),
+        ("sdk-anthropic-budget", ANTHROPIC_BUDGET_KEY, anthropic_style, budget),
+        ("sdk-rate", RATE_KEY, openai_style, rate),
+        ("sdk-anthropic-rate", ANTHROPIC_RATE_KEY, anthropic_style, rate),
+    ):
+        config["clients"][name] = {"keys": [key_item(key)], **style, **rule}
 
 
 # --- upstream faults, shared by the fault suite and the soak ---------------------
@@ -170,7 +214,7 @@ def call_fault(gateway, path, headers, expected):
     if expected == "broken":
         response = requests.get(gateway.url + path, headers=headers, stream=True, timeout=10)
         if response.status_code == 502:  # it broke before the first body byte: a clean 502
-            assert response.json()["error"] == "upstream_error"
+            assert error_code(response.json()) == "upstream_error"
             return
         assert response.status_code == 200
         with pytest.raises(requests.exceptions.RequestException):
@@ -187,7 +231,7 @@ def call_fault(gateway, path, headers, expected):
             raise AssertionError(f"{path}: the gateway dropped the connection") from exc
         status, code = expected
         assert response.status_code == status, response.text
-        assert response.json()["error"] == code
+        assert error_code(response.json()) == code
         assert_no_canary(response.content)
     assert time.monotonic() - started < 8
 
@@ -198,8 +242,8 @@ def envelope(client, body, headers=AUTH, **kwargs):
 
 def assert_error(response, status, code):
     assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert body["error"] == code
-    assert isinstance(body["message"], str) and body["message"]
+    seen, message = read_error(response.get_json())  # in whatever shape the call takes
+    assert seen == code
+    assert message
     assert_no_canary(response.get_data())
     assert "Traceback" not in response.get_data(as_text=True)

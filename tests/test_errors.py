@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 from gateway.edge.openapi import build_spec
-from gateway.errors import CODES, markdown_table
+from gateway.errors import CODES, dialect_table, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +69,9 @@ def test_openapi_document_lists_every_code_under_its_status():
 def test_codes_are_plain_snake_case_names_never_numbers():
     for code in CODES:
         assert code.replace("_", "").isalpha() and code.islower(), code
+
+
+def test_readme_error_types_are_the_table():
+    assert dialect_table() in (ROOT / "README.md").read_text(), (
+        "README's table of error.type per status is out of date: paste errors.dialect_table() in"
+    )

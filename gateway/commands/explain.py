@@ -18,6 +18,7 @@ from werkzeug.test import Client
 from ..config.source import require
 from ..edge import answer, stages
 from ..edge.exchange import OBSERVER, Exchange, Stage
+from ..errors import read_error
 from ..policy.sessions import rfc3339
 from ..spend.store.base import DryStore
 from ..upstream.client import prepare
@@ -107,8 +108,7 @@ def _report(explanation: Explanation, response, origin: str | None) -> tuple[lis
         lines.append(f"body: {len(prepared.body or b'')} bytes")
         ok = True
     elif response.status_code >= 400:
-        body = response.get_json(silent=True) or {}
-        code, message = body.get("error", "?"), body.get("message", "")
+        code, message = read_error(response.get_json(silent=True))
         lines.append(f"decision: refused: {response.status_code} {code}: {message}")
         ok = False
     else:

@@ -228,6 +228,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
             inject_usage=spec.get("injectUsage", default("targets.<name>.injectUsage")),
             prices=price_table(spec.get("prices", {})) + prices,
             default_max_tokens=spec.get("defaultMaxTokens"),
+            dialect=spec.get("dialect"),
         )
 
     secrets = {

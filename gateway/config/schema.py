@@ -9,6 +9,7 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from ..errors import DIALECTS
 from ..policy.keys import PREFIX, instant, is_key_item
 from ..policy.limits import parse_cost, parse_rate
 from ..policy.prices import parse_price
@@ -134,6 +135,9 @@ class TargetSchema(Schema):
     injectUsage = fields.Boolean(truthy={True}, falsy={False})
     prices = _prices()
     defaultMaxTokens = _integer("targets.<name>.defaultMaxTokens")
+    dialect = fields.String(
+        validate=validate.OneOf(DIALECTS, error="must be one of {choices}, or left out")
+    )
 
 
 def _hash_problem(value: Any, shape: str) -> str:

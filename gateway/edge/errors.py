@@ -1,7 +1,10 @@
 """Error pages: every refusal and failure answered in the one JSON error shape.
 
 The codes and types are ``gateway.errors``; this module registers the Flask
-handlers that turn them (and werkzeug's own errors) into responses.
+handlers that turn them (and werkzeug's own errors) into responses. A
+transparent call's refusal takes its dialect's shape (``dialect``), and every
+refusal carries the headers the official SDKs read: the request id and whether
+a retry can succeed.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import CODES, GatewayError, error_body
+from ..errors import CODES, GatewayError, error_body, should_retry
 from ..observe.record import ID_HEADER, request_id
+from .dialect import call_dialect
 
 __all__ = ["config_invalid_app", "init_app"]
 
@@ -71,19 +75,42 @@ def config_invalid_app(problems: list[str]) -> Callable[..., Iterable[bytes]]:
     return app
 
 
-def _answer(code: str, message: str, fields: dict[str, Any] | None = None):
+# The headers each SDK reads its exception's ``request_id`` from (APIStatusError.__init__):
+# openai/_exceptions.py reads x-request-id, anthropic/_exceptions.py reads request-id.
+_SDK_ID_HEADERS = ("x-request-id", "request-id")
+
+
+def _answer(
+    code: str,
+    message: str,
+    fields: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+):
     """Return the JSON error response for ``code``, noting the code on the request's record."""
     record = g.record
     record.error = code
-    response = jsonify(error_body(code, message, record.request_id, fields))
+    response = jsonify(error_body(code, message, record.request_id, fields, _dialect()))
     response.status_code = CODES[code].status
+    response.headers.update(headers or {})
+    for name in _SDK_ID_HEADERS:
+        response.headers[name] = record.request_id
+    retry = should_retry(code, response.headers.get("Retry-After"))
+    if retry is not None:
+        response.headers["x-should-retry"] = "true" if retry else "false"
     return response
+
+
+def _dialect() -> str:
+    """Return the dialect of this request's refusal: its call's, for a transparent call."""
+    call = g.get("transparent")
+    if call is None:
+        return "none"
+    target = call.client.target.dialect if call.client is not None else None
+    return call_dialect(target, request.path, request.headers.get("anthropic-version"))
 
 
 def _gateway_error(exc: GatewayError):
-    response = _answer(exc.code, exc.message, exc.fields)
-    response.headers.update(exc.headers)
-    return response
+    return _answer(exc.code, exc.message, exc.fields, exc.headers)
 
 
 def _http_error(exc: HTTPException):

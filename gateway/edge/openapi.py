@@ -12,7 +12,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
-from ..errors import CODES
+from ..errors import CODES, error_type
 from ..policy.access import METHODS
 from .envelope import EnvelopeSchema, ErrorSchema, HealthSchema
 
@@ -46,6 +46,13 @@ in that client's `allowedOrigins` (for example `https://gateway.example.com`, or
 `http://127.0.0.1:8787` locally); otherwise the gateway answers
 `403 origin_not_allowed`. Use the envelope (`POST /proxy`) here: Swagger UI
 encodes the `/` inside `{path}` as `%2F`, which the transparent route refuses.
+
+**Errors** have one flat shape, `{"error": "<code>", "message", "request_id"}`,
+except in transparent mode, where a refusal reads as the calling SDK's own API
+errors do: OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`)
+or Anthropic's (`{"type": "error", "error": {"type", "message", "code"}}`), by
+the target's `dialect` or else the call's path and `anthropic-version` header.
+The gateway's code is `error.code` there; the status and message are the same.
 """
 
 _DOCS_PAGE = """<!doctype html>
@@ -66,15 +73,61 @@ _DOCS_PAGE = """<!doctype html>
 """
 
 
-def _error_responses() -> dict:
+def _dialect_error(dialect: str, description: str, envelope: dict) -> dict:
+    """Return the JSON schema of a refusal in ``dialect``'s shape (``errors.error_body``)."""
+    error = {
+        "message": {"type": "string", "description": "The same sentence as in the flat shape."},
+        "type": {
+            "type": "string",
+            "enum": sorted({error_type(dialect, code) for code in CODES}),
+            "description": "The kind of refusal, as this API names it.",
+        },
+        "code": {"type": "string", "enum": list(CODES), "description": "The gateway's code."},
+    }
+    required = ["message", "type", "code"]
+    if dialect == "openai":
+        error["param"] = {"type": "string", "nullable": True, "description": "Always null."}
+        required.append("param")
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["error", "request_id", *envelope],
+        "properties": {
+            **{name: {"type": "string", "enum": [value]} for name, value in envelope.items()},
+            "error": {"type": "object", "required": required, "properties": error},
+            "request_id": {"type": "string", "description": "The gateway's request id."},
+        },
+    }
+
+
+_ERROR_HEADERS = {
+    "X-Gateway-Request-Id": "The gateway's request id.",
+    "x-request-id": "The same id, where the OpenAI SDK reads `request_id`.",
+    "request-id": "The same id, where the Anthropic SDK reads `request_id`.",
+    "x-should-retry": "`false` where no retry can succeed (a 4xx but 408, `quota_exhausted`, "
+    "a Retry-After over 60 s); `true` for `rate_limited` and `too_many_concurrent` with a "
+    "shorter one. Both SDKs obey it.",
+}
+
+
+def _error_responses(shapes: tuple[str, ...]) -> dict:
     """Return one response per error status, listing the codes it carries (from CODES)."""
     by_status: dict[int, list[str]] = {}
     for code, (status, _) in CODES.items():
         by_status.setdefault(status, []).append(code)
+    schema = {"oneOf": list(shapes)} if len(shapes) > 1 else shapes[0]
+    where = (
+        "`error`" if len(shapes) == 1 else "The code (`error`, or `error.code` in an SDK's shape)"
+    )
+    headers = {
+        name: {"description": text, "schema": {"type": "string"}}
+        for name, text in _ERROR_HEADERS.items()
+    }
     return {
         str(status): {
-            "description": f"{HTTPStatus(status).phrase}. `error` is one of: {', '.join(codes)}.",
-            "content": {"application/json": {"schema": "Error"}},
+            "description": f"{HTTPStatus(status).phrase}. {where} is one of: {', '.join(codes)}.",
+            "headers": headers,
+            "content": {"application/json": {"schema": schema}},
         }
         for status, codes in sorted(by_status.items())
     }
@@ -91,6 +144,24 @@ def build_spec() -> dict:
     )
     spec.components.schema("Envelope", {"example": ENVELOPE_EXAMPLE}, schema=EnvelopeSchema)
     spec.components.schema("Error", schema=ErrorSchema)
+    spec.components.schema(
+        "OpenAIError",
+        _dialect_error(
+            "openai",
+            "A refusal of a transparent call in OpenAI's shape: to a target with `dialect: "
+            "openai`, or (no dialect) on a path that ends in one of OpenAI's endpoints.",
+            {},
+        ),
+    )
+    spec.components.schema(
+        "AnthropicError",
+        _dialect_error(
+            "anthropic",
+            "A refusal of a transparent call in Anthropic's shape: to a target with `dialect: "
+            "anthropic`, or (no dialect) with an `anthropic-version` header.",
+            {"type": "error"},
+        ),
+    )
     spec.components.schema("Health", schema=HealthSchema)
     spec.components.security_scheme(
         "clientKey", {"type": "http", "scheme": "bearer", "description": "Your client key."}
@@ -119,7 +190,7 @@ def build_spec() -> dict:
                 },
                 "responses": {
                     "default": _UPSTREAM_ANSWER,
-                    **_error_responses(),
+                    **_error_responses(("Error",)),
                 },
             }
         },
@@ -138,7 +209,7 @@ def build_spec() -> dict:
         ],
         "responses": {
             "default": _UPSTREAM_ANSWER,
-            **_error_responses(),
+            **_error_responses(("Error", "OpenAIError", "AnthropicError")),
         },
     }
     operations = {}

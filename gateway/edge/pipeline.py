@@ -34,13 +34,20 @@ class Pipeline:
         """
         after_this_request(ex.closing)
         observer = ex.observer
-        for stage in self.stages:
-            if observer is None:
-                stage(ex)
-            else:
-                observer.around(stage, ex)
-            if ex.response is not None:
-                return ex.response
+        try:
+            for stage in self.stages:
+                if observer is None:
+                    stage(ex)
+                else:
+                    observer.around(stage, ex)
+                if ex.response is not None:
+                    return ex.response
+        except BaseException:
+            # A refusal (or a failure) frees what the call held before its answer is
+            # sent: a client that reads the 4xx and calls again at once, perhaps on
+            # another worker, must find its slot free. (Closing again later is a no-op.)
+            ex.close()
+            raise
         raise RuntimeError("no stage answered")  # pragma: no cover - answer always does
 
 

@@ -91,7 +91,8 @@ def envelope():
 @bp.route("/proxy/<anything:rest>", methods=METHODS, merge_slashes=False)
 def transparent(rest: str):
     """Forward the request as it is to the same path on the client's target."""
-    return TRANSPARENT.run(_exchange())
+    g.transparent = ex = _exchange()  # its refusals take the call's dialect (edge.errors)
+    return TRANSPARENT.run(ex)
 
 
 @bp.get("/health")

@@ -181,6 +181,7 @@ class Target:
     inject_usage: bool = True  # ask OpenAI-style streams for usage when a budget applies
     prices: PriceTable = PriceTable()  # its own prices first, then the top-level ones
     default_max_tokens: int | None = None  # the ceiling added to a call that names none
+    dialect: str | None = None  # the error shape of its refusals (errors.DIALECTS); None: by call
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,37 @@ def test_a_refusal_is_readable_by_a_page_some_client_allows(
     assert len(fake_upstream.seen) == before
 
 
+def test_a_page_reads_the_flat_shape_and_the_request_id(browser, pages, live_gateway):
+    """A page's envelope call, and one to a path of no SDK's API, keep the flat shape."""
+    allowed_origin, _ = pages
+    page = browser.new_page()
+    page.goto(allowed_origin + "/")
+    outcomes = page.evaluate(
+        """async ([g, k]) => {
+          const auth = {"Authorization": "Bearer " + k, "Content-Type": "application/json"};
+          const calls = [
+            fetch(g + "/proxy", {method: "POST", headers: auth,
+              body: JSON.stringify({method: "POST", path: "/embeddings"})}),
+            fetch(g + "/proxy/weather", {headers: auth}),
+          ];
+          return Promise.all(calls.map(async (call) => {
+            const r = await call;
+            return {status: r.status, id: r.headers.get("x-request-id"), body: await r.json()};
+          }));
+        }""",
+        [live_gateway.url, BROWSER_KEY],
+    )
+    for outcome in outcomes:
+        body = outcome["body"]
+        assert outcome["status"] == 403
+        assert body == {
+            "error": "path_not_allowed",
+            "message": "This client key may not call this path.",
+            "request_id": outcome["id"],  # the page can read the id of a refusal too
+        }
+        assert live_gateway.access_line(outcome["id"])["error"] == "path_not_allowed"
+
+
 def test_docs_try_it_out_calls_through_the_gateway(browser, live_gateway, fake_upstream):
     page = browser.new_page()
     page.goto(live_gateway.url + "/docs")

@@ -10,6 +10,7 @@ import responses
 from werkzeug.test import Client
 
 from gateway.commands import explain as explain_command
+from gateway.errors import read_error
 
 from ..support import CANARIES, CHAT_KEY, NAMED_KEY, RAPID_KEY, READONLY_KEY, UPSTREAM, named_client
 
@@ -177,8 +178,8 @@ def test_explain_agrees_with_the_live_request(app, runner, method, path, headers
             assert f"  {name}: {value}" in result.output or masked in result.output
     else:
         assert result.exit_code == 1, result.output
-        error = live.get_json()["error"]
-        assert f"decision: refused: {live.status_code} {error}:" in result.output
+        error, message = read_error(live.get_json())
+        assert f"decision: refused: {live.status_code} {error}: {message}" in result.output
 
 
 def test_explain_shows_the_limits_and_never_spends_them(config_dict, tmp_path, mocked_upstream):

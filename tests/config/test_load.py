@@ -162,6 +162,10 @@ def broken(mutate):
             lambda c: c["targets"]["api"].update(defaultHeaders={"X-A": "a\r\nX-B: b"}),
             "targets.api.defaultHeaders.X-A: value holds a line break",
         ),
+        (
+            lambda c: c["targets"]["api"].update(dialect="gemini"),
+            "targets.api.dialect: must be one of openai, anthropic, none, or left out",
+        ),
         (lambda c: c.pop("targets"), "targets: is required"),
         (lambda c: c.update(targets=[]), "targets: not a valid mapping type"),
         (lambda c: c.update(maxRequestBytes=-1), "maxRequestBytes: must be greater than"),

@@ -9,7 +9,7 @@ from gateway import create_app
 from gateway.config.source import load_config
 from gateway.errors import ConfigError
 
-from ..support import AUTH, CANARIES, base_config, write_config
+from ..support import AUTH, CANARIES, base_config, error_code, write_config
 from ..tls_upstream import TLSUpstream, make_pki, server_context
 
 HTTPS = "https://api.example.com/v1"
@@ -235,6 +235,6 @@ def test_a_ca_bundle_removed_after_start_is_a_tls_error_not_a_crash(tmp_path, pk
         pki.ca_pem.unlink()
         response = client.get("/proxy/models", headers=AUTH)
         assert response.status_code == 502
-        assert response.json["error"] == "upstream_tls_error"
+        assert error_code(response.json) == "upstream_tls_error"
     finally:
         server.stop()

@@ -30,6 +30,37 @@ def test_document_is_valid_openapi(client):
     assert document["components"]["schemas"]["Envelope"]["additionalProperties"] is False
 
 
+def test_document_describes_both_sdk_shapes_on_the_transparent_route(client):
+    document = client.get("/openapi.json").get_json()
+    schemas = document["components"]["schemas"]
+    refused = document["paths"]["/proxy/{path}"]["post"]["responses"]["429"]
+    shapes = refused["content"]["application/json"]["schema"]["oneOf"]
+    assert [shape["$ref"].rsplit("/", 1)[1] for shape in shapes] == [
+        "Error",
+        "OpenAIError",
+        "AnthropicError",
+    ]
+    assert {"x-request-id", "request-id", "x-should-retry"} <= set(refused["headers"])
+    openai_error = schemas["OpenAIError"]["properties"]["error"]
+    assert openai_error["required"] == ["message", "type", "code", "param"]
+    anthropic = schemas["AnthropicError"]
+    assert anthropic["properties"]["type"]["enum"] == ["error"]
+    assert set(anthropic["properties"]["error"]["properties"]["type"]["enum"]) == {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "rate_limit_error",
+        "api_error",
+        "overloaded_error",
+    }
+    # The envelope stays flat.
+    envelope = document["paths"]["/proxy"]["post"]["responses"]["429"]
+    assert envelope["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
+
+
 def test_docs_page_and_assets_are_served_locally(client):
     page = client.get("/docs")
     assert page.status_code == 200

@@ -26,6 +26,7 @@ from ..support import (
     NEXT_KEY,
     UPSTREAM,
     base_config,
+    error_code,
     named_client,
 )
 
@@ -371,7 +372,7 @@ def test_expired_early_and_hash_keys_get_401_under_gunicorn(live_gateway, fake_u
         timeout=10,
     )
     assert response.status_code == 401
-    assert response.json()["error"] == code
+    assert error_code(response.json()) == code
     assert len(fake_upstream.seen) == before
     if code == "expired_client_key":
         deadline = time.monotonic() + 5

@@ -15,11 +15,12 @@ import openai
 import pytest
 import requests
 
+from gateway.errors import read_error
 from gateway.policy.keys import key_item
 
 from ..live_gateway import LiveGateway
 from ..spend.test_live import RedisServer
-from ..support import write_config
+from ..support import error_code, write_config
 from .test_tokens import ENV, OLD_SECRET, ORIGIN, PLAIN_KEY, SECRET, WEB_KEY, session_config
 
 LIMITED_KEY = "ck-test-per-user-0123456789"
@@ -191,7 +192,7 @@ def test_the_openai_sdk_with_a_session_token_incl_streaming(sqlite_pair, fake_up
 
 
 def _refusal(answer: requests.Response) -> tuple[int, str]:
-    return answer.status_code, answer.json()["error"]
+    return answer.status_code, error_code(answer.json())
 
 
 def test_refused_from_another_origin_and_without_origin(sqlite_pair):
@@ -238,7 +239,7 @@ def test_refused_when_expired(sqlite_pair):
     time.sleep(2.1)
     answer = _chat(gateway, token)
     assert _refusal(answer) == (401, "expired_session_token")
-    assert "expired at" in answer.json()["message"]
+    assert "expired at" in read_error(answer.json())[1]
 
 
 @pytest.mark.parametrize(
@@ -279,7 +280,7 @@ def test_user_a_exhausts_3_per_minute_user_b_is_admitted_and_the_client_caps_bot
     assert (
         refused.headers["RateLimit-Remaining"] == "0" and int(refused.headers["Retry-After"]) >= 1
     )
-    assert "session's user" in refused.json()["message"]
+    assert "session's user" in read_error(refused.json())[1]
     # B has its own 3, but the client's 5/minute is shared: 2 left for B.
     statuses = [_chat(one if i % 2 else two, b).status_code for i in range(3)]
     assert statuses == [200, 200, 429], statuses

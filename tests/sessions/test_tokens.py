@@ -14,7 +14,7 @@ from gateway.errors import ConfigError, PolicyError
 from gateway.policy.keys import key_item
 from gateway.policy.sessions import SessionKeys, check_user, format_ttl, parse_ttl
 
-from ..support import CANARIES, base_config, write_config
+from ..support import CANARIES, base_config, error_code, write_config
 
 SECRET = "session-secret-canary-0123456789abcdef"  # 38 characters
 OLD_SECRET = "session-secret-old-canary-0123456789abcd"
@@ -258,7 +258,7 @@ def test_minting_answers_201_with_the_token_and_no_cors(session_app):
 )
 def test_minting_refusals(session_app, key, body, status, code):
     answer = _mint(session_app.test_client(), key, **body)
-    assert (answer.status_code, answer.json["error"]) == (status, code), answer.json
+    assert (answer.status_code, error_code(answer.json)) == (status, code), answer.json
     if code == "invalid_session_request":
         assert answer.json["fields"]
 
@@ -267,7 +267,7 @@ def test_a_session_token_cannot_mint_another(session_app):
     client = session_app.test_client()
     token = _mint(client).json["token"]
     answer = _mint(client, token)
-    assert (answer.status_code, answer.json["error"]) == (401, "invalid_client_key")
+    assert (answer.status_code, error_code(answer.json)) == (401, "invalid_client_key")
 
 
 def test_a_token_is_refused_without_origin_or_from_another_and_is_held_to_its_clients_paths(
@@ -279,9 +279,9 @@ def test_a_token_is_refused_without_origin_or_from_another_and_is_held_to_its_cl
     for origin in (None, "https://other.example.com"):
         headers = auth if origin is None else {**auth, "Origin": origin}
         answer = client.get("/proxy/models", headers=headers)
-        assert (answer.status_code, answer.json["error"]) == (403, "origin_not_allowed")
+        assert (answer.status_code, error_code(answer.json)) == (403, "origin_not_allowed")
     answer = client.get("/proxy/files/1", headers={**auth, "Origin": ORIGIN})
-    assert (answer.status_code, answer.json["error"]) == (403, "path_not_allowed")
+    assert (answer.status_code, error_code(answer.json)) == (403, "path_not_allowed")
 
 
 def test_explain_describes_a_session_token(session_app):

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from ..live_gateway import ROOT, LiveGateway, free_port
-from ..support import CANARIES, write_config
+from ..support import CANARIES, error_code, write_config
 
 KEYS = {
     name: f"ck-spend-{name}-0123456789"
@@ -115,7 +115,7 @@ def test_a_burst_of_16_against_5_per_day_across_two_gateways_admits_exactly_5(sq
     for answer in answers:
         assert answer.headers["RateLimit-Limit"] == "5"
         if answer.status_code == 429:
-            assert answer.json()["error"] == "rate_limited"
+            assert error_code(answer.json()) == "rate_limited"
             assert int(answer.headers["Retry-After"]) >= 1
 
 
@@ -124,7 +124,7 @@ def test_counts_survive_a_restart(sqlite_pair):
     gateway.stop()
     gateway.start()
     answer = _models(gateway, "burst")
-    assert answer.status_code == 429 and answer.json()["error"] == "rate_limited"
+    assert answer.status_code == 429 and error_code(answer.json()) == "rate_limited"
     assert _models(gateway, "free").status_code == 200
 
 
@@ -156,7 +156,7 @@ def _admitted_within(gateway, name: str, seconds: float) -> float | None:
         answer = _models(gateway, name)
         if answer.status_code == 200:
             return time.monotonic() - started
-        assert answer.json()["error"] == "too_many_concurrent"
+        assert error_code(answer.json()) == "too_many_concurrent"
         time.sleep(0.2)
     return None
 
@@ -196,7 +196,7 @@ def test_a_parallel_burst_never_overspends_a_token_budget(sqlite_pair):
         for answer in answers:
             assert answer.status_code in (200, 429), answer.text
             if answer.status_code == 429:
-                assert answer.json()["error"] == "quota_exhausted"
+                assert error_code(answer.json()) == "quota_exhausted"
         admitted += sum(a.status_code == 200 for a in answers)
     assert 5 <= admitted <= 9
     assert admitted * 110 <= 1000
@@ -256,7 +256,7 @@ def test_models_and_ceilings_in_both_modes(sqlite_pair, fake_upstream, body, que
     gateway = sqlite_pair[1]
     before = len(fake_upstream.seen)
     transparent = _chat(gateway, "models", body, query)
-    assert (transparent.status_code, transparent.json()["error"]) == (status, code)
+    assert (transparent.status_code, error_code(transparent.json())) == (status, code)
     envelope_query = dict([query[1:].split("=")]) if query else {}
     envelope = requests.post(
         gateway.url + "/proxy",
@@ -264,7 +264,7 @@ def test_models_and_ceilings_in_both_modes(sqlite_pair, fake_upstream, body, que
         headers=_auth("models"),
         timeout=20,
     )
-    assert (envelope.status_code, envelope.json()["error"]) == (status, code)
+    assert (envelope.status_code, error_code(envelope.json())) == (status, code)
     assert len(fake_upstream.seen) == before
 
 
@@ -275,7 +275,7 @@ def test_a_duplicated_model_key_is_refused(sqlite_pair):
         headers={**_auth("models"), "Content-Type": "application/json"},
         timeout=20,
     )
-    assert (answer.status_code, answer.json()["error"]) == (400, "invalid_json")
+    assert (answer.status_code, error_code(answer.json())) == (400, "invalid_json")
 
 
 # A header the envelope can carry but HTTP cannot send: refused after admission.
@@ -291,7 +291,7 @@ def _a_refused_call_frees_its_slot(gateways) -> None:
     for headers in BAD_HEADERS:  # concurrent: 1, on one worker or the other
         for gateway in gateways:
             answer = _bad_envelope(gateway, "locked", headers)
-            assert (answer.status_code, answer.json()["error"]) == (400, "invalid_header")
+            assert (answer.status_code, error_code(answer.json())) == (400, "invalid_header")
             assert _chat(gateway, "locked").status_code == 200  # its slot was freed
 
 
@@ -299,7 +299,7 @@ def _a_refused_call_returns_its_reservation(gateways) -> None:
     for _ in range(4):  # 12 reservations of 100+ tokens would spend a budget of 1000
         for headers in BAD_HEADERS:
             answer = _bad_envelope(gateways[0], "reserved", headers)
-            assert (answer.status_code, answer.json()["error"]) == (400, "invalid_header")
+            assert (answer.status_code, error_code(answer.json())) == (400, "invalid_header")
     answer = _chat(gateways[1], "reserved")
     assert answer.status_code == 200, answer.text  # every reservation was returned whole
 
@@ -391,7 +391,7 @@ def test_redis_stopped_refuses_limited_calls_only_and_recovers_when_it_is_back(r
     gateways, redis = redis_pair
     redis.stop()
     answer = _models(gateways[0], "conc")
-    assert (answer.status_code, answer.json()["error"]) == (503, "limits_unavailable")
+    assert (answer.status_code, error_code(answer.json())) == (503, "limits_unavailable")
     assert _models(gateways[1], "free").status_code == 200
     redis.start()
     deadline = time.monotonic() + 10
