@@ -136,7 +136,7 @@ def test_a_cost_budget_admits_what_it_can_pay_for_and_refuses_the_next_call(sqli
     admitted, refused = _admitted_in_turn(lambda i: sqlite_pair[i % 2], "money", body)
     assert admitted == expected
     assert (refused.status_code, error_code(refused.json())) == (429, "quota_exhausted")
-    assert "cost budget" in refused.json()["message"]
+    assert "cost budget" in refused.json()["error"]["message"]  # OpenAI's shape
     # The refusing budget is the one described, in micro-units, with its window and kind.
     assert refused.headers["RateLimit-Limit"] == str(BUDGET)
     assert refused.headers["RateLimit-Remaining"] == str(BUDGET - admitted * cost)
