@@ -31,11 +31,14 @@ from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.rglob("*.md"))
+PAGES = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
 _FENCE = re.compile(r"^( *)```(\w*)[^\n]*\n(.*?)^\1```", re.S | re.M)
 _SKIP = {"yaml": "# not loaded by the tests:", "sh": "# not run by the tests:"}
 _PART = "# in instance/config.yaml"
 _PROMETHEUS = ("# prometheus.yml", "# Prometheus rules:")
+# The README's two setup commands are checked by the test_the_readme_* tests instead:
+# one serves until stopped, the other is this test suite.
+_SETUP = ("gunicorn -c gunicorn.conf.py wsgi:app", "&& .venv/bin/python -m pytest\n")
 # The key the example config's chat-app accepts, as an app would hold it.
 EXAMPLE_KEY = "ck-example-chat-app-change-me"
 
@@ -59,6 +62,8 @@ def _first_line(text: str) -> str:
 def _skip_reason(text: str, language: str) -> str | None:
     first = _first_line(text)
     if not first.startswith(_SKIP[language]):
+        if language == "sh" and any(command in text for command in _SETUP):
+            return "a README setup command: see test_the_readme_test_command_is_what_ci_runs"
         return None
     reason = first[len(_SKIP[language]) :].strip()
     assert len(reason) > 10, f"say why the block is not checked: {first!r}"
@@ -221,7 +226,7 @@ _SHELL = _blocks("sh")
 def shell_results(project) -> dict[str, subprocess.CompletedProcess]:
     """Run every shell block that is to be run, a few at once (each starts Python)."""
     texts = {p.values[1] for p in _SHELL}
-    texts = {t for t in texts if not _first_line(t).startswith(_SKIP["sh"])}
+    texts = {t for t in texts if not _skip_reason(t, "sh")}
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         return dict(zip(texts, pool.map(lambda t: _run(project, t), texts), strict=True))
 

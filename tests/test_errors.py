@@ -56,8 +56,8 @@ def test_gunicorn_conf_copy_agrees_with_the_table():
         assert CODES[code].status == status, code
 
 
-def test_readme_error_list_is_the_table():
-    assert markdown_table() in (ROOT / "README.md").read_text()
+def test_docs_error_list_is_the_table():
+    assert markdown_table() in (ROOT / "docs" / "reference" / "errors.md").read_text()
 
 
 def test_openapi_document_lists_every_code_under_its_status():
