@@ -43,20 +43,48 @@ CODES: dict[str, Code] = {
     ),
     "body_not_allowed": Code(400, "a GET, HEAD or OPTIONS request carried a body"),
     "max_tokens_required": Code(
-        400, "an LLM call (a JSON body with `model`) without `max_tokens` where a ceiling applies"
+        400, "an LLM call without `max_tokens` (or its provider's ceiling) where a ceiling applies"
+    ),
+    "model_required": Code(
+        400,
+        "a JSON body without its model in the body's `model` field (or the path), a `null` "
+        "model, or a key such as `Model` that an upstream could read as `model`, where a "
+        "model, ceiling or budget rule applies",
+    ),
+    "invalid_model": Code(
+        400, "a model name (body, `models` list, path or query) not 1 to 256 printable characters"
+    ),
+    "invalid_choice_count": Code(
+        400, "`n`, `best_of` or `candidateCount` not a whole number from 1 to 128"
+    ),
+    "invalid_session_request": Code(
+        400, "`POST /sessions` without a valid `user`, `origin` or `ttl` (`fields` says which)"
     ),
     "missing_client_key": Code(401, "no `Authorization: Bearer` (or `x-api-key`)"),
     "invalid_client_key": Code(
         401, "the key is not in the config, or not valid yet (`notBefore`); a hash is not a key"
     ),
     "expired_client_key": Code(401, "the key's `expires` has passed"),
+    "invalid_session_token": Code(
+        401,
+        "a `gs_` session token that is forged or altered, signed with a secret the gateway "
+        "does not hold, minted before `sessions.notBefore`, or of a client without `sessions`",
+    ),
+    "expired_session_token": Code(401, "the session token's `expires` has passed; mint a new one"),
     "invalid_metrics_token": Code(
         401, "`GET /metrics` without the metrics token (`metrics.tokenRef`)"
     ),
     "method_not_allowed": Code(403, "method outside `allowedMethods`"),
     "path_not_allowed": Code(403, "path outside `allowedPaths`"),
-    "origin_not_allowed": Code(403, "browser `Origin` outside `allowedOrigins`"),
-    "model_not_allowed": Code(403, "a `model` (body or query) outside `allowedModels`"),
+    "origin_not_allowed": Code(
+        403,
+        "browser `Origin` outside `allowedOrigins`; for a session token, an `Origin` other "
+        "than the token's, or none",
+    ),
+    "sessions_not_allowed": Code(403, "`POST /sessions` by a client without `sessions`"),
+    "model_not_allowed": Code(
+        403, "a model (body, `models` list, path or query) outside `allowedModels`"
+    ),
     "max_tokens_not_allowed": Code(403, "`max_tokens` above the client's `maxTokens`"),
     "not_found": Code(404, "no such gateway route"),
     "route_method_not_allowed": Code(405, "e.g. `GET /proxy`"),

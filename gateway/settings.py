@@ -55,9 +55,11 @@ class Setting:
             return "–"
         if isinstance(self.default, bool):
             return f"`{str(self.default).lower()}`"
-        if isinstance(self.default, int):
-            return f"`{self.default}`"
         return f"`{self.default}`"
+
+
+def _integer(key: str, between: tuple[int, int], meaning: str, **more: Any) -> Setting:
+    return Setting(key, "integer", meaning, low=between[0], high=between[1], **more)
 
 
 def _limits(scope: str, who: str) -> tuple[Setting, ...]:
@@ -85,6 +87,7 @@ def _limits(scope: str, who: str) -> tuple[Setting, ...]:
 
 _TARGET = "targets.<name>"
 _CLIENT = "clients.<name>"
+_SESSIONS = "clients.<name>.sessions"
 
 CONFIG: tuple[Setting, ...] = (
     Setting("targets", "map", "The upstreams, by name.", required=True),
@@ -173,22 +176,18 @@ CONFIG: tuple[Setting, ...] = (
         "list of strings",
         'Browser origins that may use the client\'s keys, or `"*"`; none by default.',
     ),
-    Setting(
+    _integer(
         f"{_CLIENT}.timeoutMs",
-        "integer",
+        (1, 3_600_000),
         "How long to wait for the upstream's first byte and between bytes (a stream that "
         "keeps sending is never cut).",
         default=30_000,
-        low=1,
-        high=3_600_000,
     ),
-    Setting(
+    _integer(
         f"{_CLIENT}.connectTimeoutMs",
-        "integer",
+        (1, 600_000),
         "How long to wait for the TCP and TLS connection.",
         default=5_000,
-        low=1,
-        high=600_000,
     ),
     *_limits(_CLIENT, "for this client"),
     Setting(
@@ -196,37 +195,34 @@ CONFIG: tuple[Setting, ...] = (
         "list of strings",
         "Models the client may name (`*` matches any run of characters); any when left out.",
     ),
-    Setting(
+    _integer(
         f"{_CLIENT}.maxTokens",
-        "integer",
+        (1, 100_000_000),
         "The largest output ceiling (`max_tokens`) a call may ask for; a call must set one.",
-        low=1,
-        high=100_000_000,
     ),
     Setting(
+        f"{_SESSIONS}.ttl", "duration", "Longest token it mints (`90s`, `15m`; 24h at most).", "15m"
+    ),
+    *_limits(_SESSIONS, "for each end user of this client's session tokens"),
+    Setting(f"{_SESSIONS}.notBefore", "date-time", "Its session tokens minted before are refused."),
+    _integer(
         "maxRequestBytes",
-        "integer",
+        (1024, 2**40),
         "Largest request body, however it is framed; over it, `413 request_too_large`.",
         default=10 * 1024 * 1024,
-        low=1024,
-        high=2**40,
         shown="10 MiB",
     ),
-    Setting(
+    _integer(
         "bodyTimeoutMs",
-        "integer",
+        (100, 3_600_000),
         "Deadline for a client's whole request body; past it, `408 request_timeout`.",
         default=30_000,
-        low=100,
-        high=3_600_000,
     ),
-    Setting(
+    _integer(
         "writeTimeoutMs",
-        "integer",
+        (100, 3_600_000),
         "A client that accepts no byte of the answer this long is disconnected.",
         default=60_000,
-        low=100,
-        high=3_600_000,
     ),
     Setting(
         "egressGuard",
@@ -247,21 +243,17 @@ CONFIG: tuple[Setting, ...] = (
         "When the storage is down, admit calls uncounted instead of `503 limits_unavailable`.",
         default=False,
     ),
-    Setting(
+    _integer(
         "upstreamIdleMs",
-        "integer",
+        (0, 600_000),
         "A pooled upstream connection idle this long is closed, not reused; `0` never reuses.",
         default=4_000,
-        low=0,
-        high=600_000,
     ),
-    Setting(
+    _integer(
         "trustedProxies",
-        "integer",
+        (0, 16),
         "How many proxies in front add to `X-Forwarded-For`; 0 ignores forwarded headers.",
         default=0,
-        low=0,
-        high=16,
     ),
     Setting(
         "metrics.tokenRef",
@@ -269,6 +261,15 @@ CONFIG: tuple[Setting, ...] = (
         "Secret (16+ characters) that `GET /metrics` requires as a bearer token; without "
         "`metrics`, no `/metrics`.",
     ),
+    _integer(
+        "metrics.maxModelLabels",
+        (0, 100_000),
+        "Distinct values of the `model` label each worker keeps; clients choose model names, "
+        'so further names count under `model="other"`.',
+        default=100,
+    ),
+    Setting("sessionSecretRef", "secret name", "Secret (32+ characters) signing session tokens."),
+    Setting("sessionSecretRefs", "list of secret names", "Instead, rotating: `[new, old]`."),
 )
 
 ENVIRONMENT: tuple[Setting, ...] = (

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import responses
 from flask.testing import FlaskClient
@@ -49,7 +52,7 @@ def runner(app):
 
 
 @pytest.fixture
-def upstream():
+def mocked_upstream():
     """A mocked upstream for unit tests: every registered call must happen."""
     with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
         yield mock
@@ -57,6 +60,16 @@ def upstream():
 
 @pytest.fixture(scope="session")
 def fake_upstream():
+    from .fake_upstream import FakeUpstream
+
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_fake_upstream():
+    """A fake upstream of the module's own, for tests that start their own gateway or server."""
     from .fake_upstream import FakeUpstream
 
     server = FakeUpstream().start()
@@ -73,7 +86,7 @@ def page_origin():
 
 
 @pytest.fixture(scope="session")
-def gateway(fake_upstream, tmp_path_factory, page_origin):
+def live_gateway(fake_upstream, tmp_path_factory, page_origin):
     """The real app under gunicorn (shipped gunicorn.conf.py) against the fake upstream."""
     from gateway.policy.keys import key_item
 
@@ -102,3 +115,38 @@ def gateway(fake_upstream, tmp_path_factory, page_origin):
     for key in [k for k in config["clients"] if "keys" not in config["clients"][k]] + LIVE_KEYS:
         assert key not in log, "a client key reached the gateway's log"
     assert [line["request_id"] for line in live.access_lines()], "no access lines were written"
+
+
+@pytest.fixture(scope="module")
+def live_workers(live_gateway):
+    """The live gateway's worker pids; the module fails if a worker died or was restarted."""
+    before = live_gateway.worker_pids()
+    yield before
+    assert live_gateway.worker_pids() == before, "a worker died or was restarted"
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# What the workplace's closed network and root user need (see README, Tests).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

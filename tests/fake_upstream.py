@@ -66,6 +66,8 @@ class Handler(BaseHTTPRequestHandler):
         name = parts.path.rsplit("/", 1)[-1]
         if parts.path.split("/")[-2:-1] == ["status"]:
             name = "status"
+        if ":" in name:  # Gemini's /models/{model}:generateContent
+            name = name.rsplit(":", 1)[1]
         builtin = getattr(type(self), f"route_{name}".replace("-", "_"), None)
         handler = builtin
         try:
@@ -273,10 +275,14 @@ class Handler(BaseHTTPRequestHandler):
         words = ["Hello", " from", " the", " fake", " upstream"]
         base = {"id": "chatcmpl-1", "created": 1700000000, "model": request.get("model", "m")}
         # Usage as OpenAI reports it: this stand-in always writes max_tokens tokens
-        # (5 without one) for a 10-token prompt, so a budget test gets real figures.
+        # (5 without one) for each of n (or best_of) answers to a 10-token prompt, so a
+        # budget test gets real figures. ?usage=<JSON> reports that usage instead.
         completion = request.get("max_tokens") or request.get("max_completion_tokens") or 5
+        completion *= max(request.get("n") or 1, request.get("best_of") or 1)
         usage = {"prompt_tokens": 10, "completion_tokens": completion}
         usage["total_tokens"] = 10 + completion
+        if "usage" in self.query:
+            usage = json.loads(self.query["usage"])
         if not request.get("stream"):
             self.send_json(
                 200,
@@ -313,6 +319,20 @@ class Handler(BaseHTTPRequestHandler):
             self.chunk(f"data: {json.dumps(final)}\n\n".encode())
         self.chunk(b"data: [DONE]\n\n")
         self.end_chunked()
+
+    def route_generateContent(self) -> None:  # noqa: N802 - Gemini's method name
+        """Gemini ``POST /models/{model}:generateContent``: maxOutputTokens per candidate."""
+        config = self._json_body().get("generationConfig") or {}
+        output = (config.get("maxOutputTokens") or 5) * (config.get("candidateCount") or 1)
+        usage = {"promptTokenCount": 6, "candidatesTokenCount": output}
+        usage["totalTokenCount"] = 6 + output
+        self.send_json(
+            200,
+            {
+                "candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}}],
+                "usageMetadata": usage,
+            },
+        )
 
     def route_models(self) -> None:
         self.send_json(

@@ -190,3 +190,16 @@ def call_fault(gateway, path, headers, expected):
         assert response.json()["error"] == code
         assert_no_canary(response.content)
     assert time.monotonic() - started < 8
+
+
+def envelope(client, body, headers=AUTH, **kwargs):
+    return client.post("/proxy", json=body, headers=headers, **kwargs)
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and body["message"]
+    assert_no_canary(response.get_data())
+    assert "Traceback" not in response.get_data(as_text=True)

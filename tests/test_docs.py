@@ -1,7 +1,7 @@
 """The docs: generated references are current, examples load and run, links resolve.
 
 Every ``yaml`` and ``sh`` block a reader would copy from ``docs/`` or the README
-is checked here (the deployment blocks are run in tests/test_deploy_*.py):
+is checked here (the deployment blocks are run in tests/deploy/):
 
 - a YAML block is a whole gateway config, loaded through the gateway's loader;
   one whose first line is ``# in instance/config.yaml`` is part of one, merged
@@ -294,3 +294,12 @@ def test_the_map_of_the_docs_links_every_page():
     for page in DOCS.rglob("*.md"):
         if page.name != "README.md":
             assert f"]({page.relative_to(DOCS)})" in listed, page
+
+
+def test_every_test_file_the_docs_name_exists():
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for name in re.findall(r"\btests/[\w/]+\.py", text):
+            assert (ROOT / name).exists(), f"{page.name} names {name}, which does not exist"
+        for name, test in re.findall(r"\b(tests/[\w/]+\.py)::(\w+)", text):
+            assert f"def {test}(" in (ROOT / name).read_text(), f"{page.name}: {name}::{test}"

@@ -18,6 +18,7 @@ from werkzeug.test import Client
 from ..config.source import require
 from ..edge import answer, stages
 from ..edge.exchange import OBSERVER, Exchange, Stage
+from ..policy.sessions import rfc3339
 from ..spend.store.base import DryStore
 from ..upstream.client import prepare
 
@@ -52,9 +53,21 @@ def _notes(stage: Stage, ex: Exchange, passed: bool) -> list[tuple[str, str]]:
     """Return what ``stage`` found, as (check, text) lines."""
     notes = []
     if stage is stages.authenticate and ex.client is not None:
-        notes += [("client", ex.client.label), ("key", ex.key.describe())]
+        notes.append(("client", ex.client.label))
+        if ex.session is not None:
+            session = ex.session
+            notes.append(
+                (
+                    "session",
+                    f"user {session.user!r} on {session.origin}, "
+                    f"issued {rfc3339(session.issued)}, expires {rfc3339(session.expires)}",
+                )
+            )
+        else:
+            notes.append(("key", ex.key.describe()))
         if passed and ex.origin is not None:
-            notes.append(("origin", f"{ex.origin} is in allowedOrigins"))
+            mine = "the token's origin and " if ex.session is not None else ""
+            notes.append(("origin", f"{ex.origin} is {mine}in allowedOrigins"))
     elif stage is stages.judge_path and passed:
         notes.append(("method", f"{ex.method} is in allowedMethods"))
         notes.append(("path", f"{ex.path} matches allowedPaths pattern {ex.pattern.text}"))
@@ -114,8 +127,8 @@ def _report(explanation: Explanation, response, origin: str | None) -> tuple[lis
 @click.option(
     "--key",
     envvar="GATEWAY_EXPLAIN_KEY",
-    help="The client key, sent as Authorization: Bearer (or set GATEWAY_EXPLAIN_KEY, "
-    "which keeps it out of your shell history).",
+    help="The client key or gs_ session token, sent as Authorization: Bearer (or set "
+    "GATEWAY_EXPLAIN_KEY, which keeps it out of your shell history).",
 )
 @click.option("--origin", help="The browser origin the request comes from.")
 @click.option("--body", type=click.File("rb"), help="A file holding the request body.")

@@ -18,6 +18,7 @@ __all__ = ["init_app"]
 _KEYS = {
     "client": lambda row: row.client,
     "model": lambda row: row.model,
+    "user": lambda row: row.user or "(client key)",
     "day": lambda row: datetime.fromtimestamp(row.time, UTC).strftime("%Y-%m-%d"),
 }
 
@@ -46,6 +47,11 @@ def totals(rows: list[UsageRow], by: str) -> list[tuple[str, int, int, int]]:
     )
 
 
+def _printable(text: str) -> str:
+    """Return ``text`` with control characters escaped, so a name cannot forge table rows."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 @click.command("usage")
 @click.option("--since", help="From this UTC date or date-time (default: the last 30 days).")
 @click.option(
@@ -55,15 +61,18 @@ def totals(rows: list[UsageRow], by: str) -> list[tuple[str, int, int, int]]:
     show_default=True,
     help="What one row totals.",
 )
+@click.option("--client", "only", metavar="NAME", help="Only this client's calls.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
 @with_appcontext
-def usage(since: str | None, by: str, as_csv: bool) -> None:
+def usage(since: str | None, by: str, only: str | None, as_csv: bool) -> None:
     """Print the LLM tokens recorded in the limit storage, one row per group."""
     require(current_app, "flask usage")  # the config says where the limit storage is
     try:
         rows = current_app.extensions["gateway.limits"].usage(_since(since))
     except StoreUnavailable as exc:
         raise click.ClickException(f"the limit storage cannot be read ({exc})") from None
+    if only is not None:
+        rows = [row for row in rows if row.client == only]
     table = totals(rows, by)
     header = (by, "calls", "input_tokens", "output_tokens", "total_tokens")
     lines = [(name, calls, inp, out, inp + out) for name, calls, inp, out in table]
@@ -72,6 +81,7 @@ def usage(since: str | None, by: str, as_csv: bool) -> None:
         writer.writerow(header)
         writer.writerows(lines)
         return
+    lines = [(_printable(name), *rest) for name, *rest in lines]
     width = max([len(by), *(len(str(line[0])) for line in lines)])
     click.echo(f"{by:<{width}}  {'calls':>8}  {'input':>12}  {'output':>12}  {'total':>12}")
     for name, calls, inp, out, total in lines:

@@ -19,6 +19,7 @@ from ..policy.headers import check_header
 from ..policy.keys import KeyItem, is_key_item, key_digest
 from ..policy.limits import LimitSet, parse_rate
 from ..policy.models import ModelPattern
+from ..policy.sessions import SessionPolicy, parse_ttl
 from ..settings import default
 from .schema import CLIENT_NAME, NAME_RULE
 
@@ -146,6 +147,10 @@ def _build_client(
         except ValueError as exc:
             problems.append(f"{where}.allowedOrigins[{i}]: {exc}")
 
+    if "sessions" in spec and not origins:
+        problems.append(
+            f"{where}.sessions: needs allowedOrigins, the web origins its session tokens are for"
+        )
     if len(problems) > before or target is None or not complete or not keys:
         return None
     return Client(
@@ -161,6 +166,16 @@ def _build_client(
         limits=limit_set(spec.get("limits", {})),
         models=tuple(ModelPattern.compile(text) for text in spec.get("allowedModels", [])),
         max_tokens=spec.get("maxTokens"),
+        sessions=_sessions(spec["sessions"]) if "sessions" in spec else None,
+    )
+
+
+def _sessions(spec: dict[str, Any]) -> SessionPolicy:
+    """Return a client's ``sessions:`` policy (its values were checked by the schema)."""
+    return SessionPolicy(
+        ttl=parse_ttl(spec.get("ttl", default("clients.<name>.sessions.ttl"))),
+        limits=limit_set(spec.get("limits", {})),
+        not_before=spec.get("notBefore"),
     )
 
 

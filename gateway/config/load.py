@@ -17,6 +17,7 @@ from ..policy.access import Client, Target
 from ..policy.headers import check_header
 from ..policy.keys import KeyItem, key_digest
 from ..policy.secret_forms import GuardedSecrets, guarded_variants
+from ..policy.sessions import MIN_SECRET_LENGTH, Session, SessionKeys
 from ..settings import GLOBAL, default
 from ..upstream import tls
 from .clients import build_clients, client_labels, limit_set
@@ -50,6 +51,9 @@ class GatewayConfig:
     metrics_token: str | None = field(default=None, repr=False)  # None: no /metrics
     # Each GLOBAL setting's value as the config has it (its default if not written).
     settings: Mapping[str, Any] = field(default_factory=dict)
+    max_model_labels: int = default("metrics.maxModelLabels")  # model label values per worker
+    sessions: SessionKeys | None = field(default=None, repr=False)  # None: no sessions
+    by_label: Mapping[str, Client] = field(default_factory=dict, repr=False)
 
     def client_for(self, key: str, now: datetime) -> tuple[Client, KeyItem]:
         """Return the client whose key is ``key`` and that key; raise ``PolicyError`` if none.
@@ -66,6 +70,21 @@ class GatewayConfig:
         except PolicyError as exc:
             raise PolicyError(exc.code, exc.reason, subject=client.label) from None
         return found
+
+    def session_for(self, token: str, now: datetime) -> tuple[Client, Session]:
+        """Return the client and session of a ``gs_`` token; raise ``PolicyError`` if refused."""
+        if self.sessions is None:
+            raise PolicyError("invalid_session_token", "is not accepted: sessions are off here")
+        session = self.sessions.verify(token, now.timestamp())
+        client = self.by_label.get(session.client)
+        rules = client.sessions if client is not None else None
+        if rules is None:
+            raise PolicyError("invalid_session_token", "names a client that takes no sessions")
+        if rules.not_before is not None and session.issued < rules.not_before.timestamp():
+            raise PolicyError("invalid_session_token", "was minted before sessions.notBefore")
+        if session.expires - session.issued > rules.ttl:
+            raise PolicyError("invalid_session_token", "outlives the client's sessions.ttl")
+        return client, session
 
     def any_client_allows(self, origin: str) -> bool:
         """Return whether some client lets a page on ``origin`` call (preflights, refusals)."""
@@ -159,7 +178,7 @@ def _value(data: Mapping[str, Any], key: str) -> Any:
     """Return the top-level setting ``key`` (dotted below a section) or its table default."""
     *sections, name = key.split(".")
     for section in sections:
-        data = data.get(section, {})
+        data = data.get(section) or {}
     return data.get(name, default(key))
 
 
@@ -228,6 +247,7 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         problems,
     )
     metrics_token = _metrics_token(data.get("metrics"), secrets, keys, problems)
+    sessions = _session_keys(data, secrets, keys, clients, problems)
     if problems:
         raise ConfigError(problems)
     return GatewayConfig(
@@ -247,7 +267,51 @@ def parse_config(raw: Any, env: Mapping[str, str], base_dir: Path | None = None)
         trusted_proxies=_value(data, "trustedProxies"),
         metrics_token=metrics_token,
         settings={known.key: _value(data, known.key) for known in GLOBAL},
+        max_model_labels=_value(data, "metrics.maxModelLabels"),
+        sessions=sessions,
+        by_label={client.label: client for client in clients},
     )
+
+
+def _session_keys(
+    data: Mapping[str, Any],
+    secrets: Mapping[str, str | None],
+    keys: Mapping[bytes, Any],
+    clients: tuple[Client, ...],
+    problems: list[str],
+) -> SessionKeys | None:
+    """Return the secrets that sign and verify session tokens, or None when none are set."""
+    if "sessionSecretRef" in data and "sessionSecretRefs" in data:
+        problems.append(
+            "sessionSecretRefs: write either sessionSecretRef or sessionSecretRefs, not both"
+        )
+        return None
+    where = "sessionSecretRefs" if "sessionSecretRefs" in data else "sessionSecretRef"
+    refs = data.get("sessionSecretRefs") or ([data[where]] if where in data else [])
+    if not refs:
+        for client in clients:
+            if client.sessions is not None:
+                problems.append(
+                    f"clients.{client.label}.sessions: needs sessionSecretRef at the top level, "
+                    f"the name of a secret of {MIN_SECRET_LENGTH}+ characters that signs tokens"
+                )
+        return None
+    values = []
+    for i, ref in enumerate(refs):
+        location = f"{where}[{i}]" if where == "sessionSecretRefs" else where
+        if ref not in secrets:
+            known = ", ".join(sorted(secrets)) or "none"
+            problems.append(f"{location}: unknown secret {ref!r}; known secrets: {known}")
+        elif secrets[ref] is not None and len(secrets[ref]) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"{location}: secret {ref!r} is shorter than {MIN_SECRET_LENGTH} characters; "
+                "use a long random secret (openssl rand -hex 32)"
+            )
+        elif secrets[ref] is not None and key_digest(secrets[ref]) in keys:
+            problems.append(f"{location}: secret {ref!r} is also a client key")
+        elif secrets[ref] is not None:
+            values.append(secrets[ref])
+    return SessionKeys(values) if len(values) == len(refs) else None
 
 
 # The shortest metrics token accepted: anyone who guesses it reads the counts.

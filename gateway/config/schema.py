@@ -11,6 +11,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from ..policy.keys import PREFIX, instant, is_key_item
 from ..policy.limits import parse_rate
+from ..policy.sessions import parse_ttl
 from ..settings import setting
 
 __all__ = [
@@ -53,6 +54,29 @@ class ScopeLimitsSchema(Schema):
     requests = fields.List(fields.String(validate=_rate))
     concurrent = _integer("clients.<name>.limits.concurrent")
     tokens = fields.List(fields.String(validate=_rate))
+
+
+def _ttl(text: str) -> None:
+    try:
+        parse_ttl(text)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+class Instant(fields.Field):
+    """An ISO 8601 date or date-time with its offset (YAML may have parsed it already)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        try:
+            return instant(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class SessionsSchema(Schema):
+    ttl = fields.String(validate=_ttl)
+    limits = fields.Nested(ScopeLimitsSchema)  # per end user, counted for client:user
+    notBefore = Instant()
 
 
 class LimitStorageSchema(Schema):
@@ -166,10 +190,12 @@ class ClientSchema(Schema):
         validate=_non_empty("leave allowedModels out to allow any model"),
     )
     maxTokens = _integer("clients.<name>.maxTokens")
+    sessions = fields.Nested(SessionsSchema)
 
 
 class MetricsSchema(Schema):
     tokenRef = fields.String(required=True, error_messages=_REQUIRED)
+    maxModelLabels = _integer("metrics.maxModelLabels")
 
 
 class ConfigSchema(Schema):
@@ -194,6 +220,8 @@ class ConfigSchema(Schema):
     upstreamIdleMs = _integer("upstreamIdleMs")
     trustedProxies = _integer("trustedProxies")
     metrics = fields.Nested(MetricsSchema)
+    sessionSecretRef = fields.String(validate=_non_empty("write the name of a secret"))
+    sessionSecretRefs = Strings(validate=_non_empty("write [new, old] while rotating"))
 
 
 _SECTIONS = {"targets": TargetSchema, "clients": ClientSchema}

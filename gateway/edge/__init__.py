@@ -1,4 +1,5 @@
-"""The HTTP edge: routes, the request pipeline and its stages, the envelope, CORS, error pages.
+"""The HTTP edge: routes, the request pipeline and its stages, the envelope, CORS, error pages,
+and ``POST /sessions`` (minting browser session tokens).
 
 Thin: each route runs its pipeline (``pipeline``: an ordered list of stages that
 read the call, judge it by the rules below, send it and filter the answer).
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import errors, openapi
+from . import errors, openapi, sessions
 from .routes import bp
 
 __all__ = ["errors", "init_app"]
@@ -19,3 +20,4 @@ def init_app(app: Flask) -> None:
     """Register the gateway's routes and its OpenAPI document on ``app``."""
     openapi.init_app(app)
     app.register_blueprint(bp)
+    app.register_blueprint(sessions.bp)

@@ -17,6 +17,7 @@ from ..config.load import GatewayConfig
 from ..observe.record import Record
 from ..policy.access import Client, PathPattern
 from ..policy.keys import KeyItem
+from ..policy.sessions import Session
 from ..spend.admission import Admission
 from ..spend.calls import NOT_PARSED
 from ..spend.store.base import Store
@@ -49,7 +50,8 @@ class Exchange:
         self.upstream = upstream
         self.observer = observer
         self.client: Client | None = None
-        self.key: KeyItem | None = None
+        self.key: KeyItem | None = None  # the client key, or None for a session token
+        self.session: Session | None = None  # what a gs_ session token says
         self.origin: str | None = None
         self.method: str | None = None  # as the call names it (the envelope's own)
         self.raw_path: str | None = None  # as the client wrote it

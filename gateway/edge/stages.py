@@ -18,10 +18,13 @@ from urllib.parse import parse_qsl, quote
 from flask import request
 from marshmallow import ValidationError
 
+from ..config.load import GatewayConfig
 from ..errors import GatewayError, PolicyError
 from ..policy import egress
-from ..policy.access import normalize_path
+from ..policy.access import Client, normalize_path
 from ..policy.headers import client_headers, readable_codings, upstream_headers
+from ..policy.keys import KeyItem
+from ..policy.sessions import PREFIX as SESSION_PREFIX
 from ..spend.admission import admit
 from ..upstream.client import Call
 from .envelope import EnvelopeSchema, encoded_body, encoded_query
@@ -30,6 +33,8 @@ from .request_body import read_body
 
 __all__ = [
     "authenticate",
+    "client_by_key",
+    "client_key",
     "envelope",
     "envelope_call",
     "judge_path",
@@ -55,6 +60,8 @@ def _fill_record(ex: Exchange) -> None:
     if ex.client is not None:
         record.client = ex.client.label
         record.target = ex.client.target.name
+    if ex.session is not None:
+        record.user = ex.session.user
     if ex.method is not None:
         record.method = ex.method
     if ex.path is not None:
@@ -71,19 +78,12 @@ def _fill_record(ex: Exchange) -> None:
 
 
 def authenticate(ex: Exchange) -> None:
-    """Find the client by its key, and check the web origin it calls from."""
-    try:
-        ex.client, ex.key = ex.config.client_for(_client_key(), datetime.now(UTC))
-    except PolicyError as exc:
-        if exc.subject is not None:
-            # A known client's key outside its window: named, so an operator sees
-            # who still holds a retired key (the key itself is never logged).
-            log.warning("%s: a client key that %s was used", exc.subject, exc.reason)
-        raise GatewayError(
-            exc.code,
-            f"The client key {exc.reason}.",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        ) from None
+    """Find the client by its key (or session token), and check the web origin it calls from."""
+    key = client_key()
+    if key.startswith(SESSION_PREFIX):
+        _authenticate_session(ex, key)
+        return
+    ex.client, ex.key = client_by_key(ex.config, key)
     ex.origin = request.headers.get("Origin")
     if ex.origin is not None and not ex.client.allows_origin(ex.origin):
         raise GatewayError(
@@ -93,7 +93,44 @@ def authenticate(ex: Exchange) -> None:
         )
 
 
-def _client_key() -> str:
+def client_by_key(config: GatewayConfig, key: str) -> tuple[Client, KeyItem]:
+    """Return the client whose key ``key`` is, and that key; refuse it as a GatewayError."""
+    try:
+        return config.client_for(key, datetime.now(UTC))
+    except PolicyError as exc:
+        if exc.subject is not None:
+            # A known client's key outside its window: named, so an operator sees
+            # who still holds a retired key (the key itself is never logged).
+            log.warning("%s: a client key that %s was used", exc.subject, exc.reason)
+        raise GatewayError(exc.code, f"The client key {exc.reason}.", headers=_INVALID) from None
+
+
+_INVALID = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+def _authenticate_session(ex: Exchange, token: str) -> None:
+    """Check a session token's signature and expiry, and that the page is on its origin."""
+    try:
+        ex.client, ex.session = ex.config.session_for(token, datetime.now(UTC))
+    except PolicyError as exc:
+        raise GatewayError(exc.code, f"The session token {exc.reason}.", headers=_INVALID) from None
+    ex.origin = request.headers.get("Origin")
+    # Only a browser is held to its Origin header: without one the token is
+    # refused, or a copied token would work from any script or server.
+    if ex.origin is None or ex.origin.lower() != ex.session.origin:
+        raise GatewayError(
+            "origin_not_allowed",
+            "This session token may be used only from the web page origin it was minted for.",
+        )
+    if not ex.client.allows_origin(ex.origin):
+        raise GatewayError(
+            "origin_not_allowed",
+            "This session token's origin is no longer in its client's allowedOrigins.",
+        )
+
+
+def client_key() -> str:
+    """Return the key or token the request carries, or refuse it ``missing_client_key``."""
     auth = request.headers.get("Authorization", "")
     scheme, _, key = auth.partition(" ")
     if scheme.lower() == "bearer" and key.strip():
@@ -255,6 +292,7 @@ def spend(ex: Exchange) -> None:
             ex.body,
             parse_qsl(ex.query, keep_blank_values=True),
             parsed=ex.parsed,
+            session=ex.session,
         )
     except PolicyError as exc:
         if exc.code == "invalid_json":

@@ -37,6 +37,8 @@ def fields(record: Record) -> dict[str, Any]:
     line["remote"] = record.remote
     if record.client is not None:
         line["client"] = record.client
+    if record.user is not None:
+        line["user"] = record.user
     line.update(
         target=record.target,
         method=record.method,
@@ -85,6 +87,8 @@ def text_line(line: dict[str, Any]) -> str:
         f"upstream_id={_text(line['upstream_request_id'])}",
         f"id={_text(line['request_id'])}",
     ]
+    if "user" in line:
+        parts.append(f"user={_text(line['user'])}")
     if "model" in line:
         parts.append(f"model={_text(line['model'])}")
     if "input_tokens" in line or "output_tokens" in line:

@@ -29,7 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from ..errors import GatewayError
 from .record import Record
 
-__all__ = ["Metrics", "init_app"]
+__all__ = ["OTHER_MODEL", "Metrics", "init_app"]
 
 bp = Blueprint("metrics", __name__)
 
@@ -37,12 +37,22 @@ bp = Blueprint("metrics", __name__)
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
-class Metrics:
-    """The gateway's metrics, registered in ``registry``, fed from finished Records."""
+# The model label's value for every model past ``metrics.maxModelLabels``.
+OTHER_MODEL = "other"
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+
+class Metrics:
+    """The gateway's metrics, registered in ``registry``, fed from finished Records.
+
+    Model names are the client's to choose: the ``model`` label holds the first
+    ``max_models`` names this worker saw, and counts every later one as "other".
+    """
+
+    def __init__(self, registry: CollectorRegistry, max_models: int = 100) -> None:
         self.registry = registry
         self._children: dict[tuple, Any] = {}
+        self._max_models = max_models
+        self._models: set[str] = set()
         self.requests = Counter(
             "gateway_requests",
             "Answers sent, by client, target and status.",
@@ -109,9 +119,17 @@ class Metrics:
         if record.error is not None:
             self._child(self.refusals, client, record.error).inc()
         if record.model is not None:
+            model = self._model_label(record.model)
             for kind, count in (("input", record.input_tokens), ("output", record.output_tokens)):
                 if count:
-                    self._child(self.tokens, client, record.model, kind).inc(count)
+                    self._child(self.tokens, client, model, kind).inc(count)
+
+    def _model_label(self, model: str) -> str:
+        if model not in self._models:
+            if len(self._models) >= self._max_models:
+                return OTHER_MODEL
+            self._models.add(model)
+        return model
 
 
 def _scrape(registry: CollectorRegistry) -> bytes:
@@ -150,7 +168,7 @@ def metrics():
 
 def init_app(app: Flask) -> None:
     """Feed the metrics from every request of ``app``; serve them if the config says so."""
-    metrics = Metrics(CollectorRegistry())
+    metrics = Metrics(CollectorRegistry(), app.extensions["gateway.config"].max_model_labels)
     app.extensions["gateway.metrics"] = metrics
     observers = app.extensions["gateway.observers"]
     observers.forwarding.append(metrics.forwarding)

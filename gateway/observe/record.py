@@ -53,6 +53,7 @@ class Record:
     wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     client: str | None = None  # the client's label, never its key
+    user: str | None = None  # a session token's end user (never the token)
     target: str | None = None
     path: str | None = None  # the normalized upstream path, or the gateway route
     status: int | None = None

@@ -17,6 +17,8 @@ from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..policy.keys import KEY_PATTERN, PREFIX
+from ..policy.sessions import PREFIX as SESSION_PREFIX
+from ..policy.sessions import TOKEN_PATTERN
 from .record import ID_HEADER, Observers, Record, request_id
 
 __all__ = ["init_app"]
@@ -83,6 +85,7 @@ class _Observed:
 
 _PATH_LOGGED = 1024  # characters of a path kept in the record
 _KEY = re.compile(KEY_PATTERN)
+_TOKEN = re.compile(TOKEN_PATTERN)
 
 
 def _expose_record() -> None:
@@ -94,6 +97,8 @@ def _expose_record() -> None:
     path = request.path[:_PATH_LOGGED]
     if PREFIX in path:  # a gk_ client key pasted into the path is never logged
         path = _KEY.sub(PREFIX + "[redacted]", path)
+    if SESSION_PREFIX in path:  # nor a gs_ session token
+        path = _TOKEN.sub(SESSION_PREFIX + "[redacted]", path)
     record.path = path
 
 

@@ -15,6 +15,7 @@ from .limits import LimitSet
 if TYPE_CHECKING:
     from .keys import KeyItem
     from .models import ModelPattern
+    from .sessions import SessionPolicy
 
 __all__ = [
     "METHODS",
@@ -195,6 +196,7 @@ class Client:
     limits: LimitSet = LimitSet()
     models: tuple[ModelPattern, ...] = ()  # allowedModels; empty: any model
     max_tokens: int | None = None
+    sessions: SessionPolicy | None = None  # may mint browser session tokens
 
     def check(self, method: str, path: str) -> PathPattern:
         """Return the pattern that allows ``method`` on the normalized ``path``, or raise."""

@@ -12,10 +12,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import GatewayError
 from ..policy.access import Client
 from ..policy.limits import Ask, Ticket
+from ..policy.sessions import Session
 from .calls import NOT_PARSED, LLMCall, read_call, with_usage_requested
 from .meter import UsageMeter
 from .store.base import Store, StoreUnavailable, UsageRow
@@ -25,10 +27,11 @@ __all__ = ["Admission", "admit"]
 log = logging.getLogger(__name__)
 
 _REFUSALS = {
-    "rate_limited": "This client key has made too many calls; wait for Retry-After seconds.",
-    "too_many_concurrent": "This client key has too many calls in flight; wait for one to end.",
-    "quota_exhausted": "This client key's token budget is spent; wait for Retry-After seconds.",
+    "rate_limited": "{who} has made too many calls; wait for Retry-After seconds.",
+    "too_many_concurrent": "{who} has too many calls in flight; wait for one to end.",
+    "quota_exhausted": "{who}'s token budget is spent; wait for Retry-After seconds.",
 }
+_WHO = {False: "This client key", True: "This session's user (or its client)"}
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Admission:
     body: bytes | None = None  # the body to send, when the gateway rewrote it
     headers: dict[str, str] = field(default_factory=dict)  # RateLimit-* for the answer
     meter: UsageMeter | None = None
+    user: str | None = None  # a session token's end user
 
     def finish(self, status: int | None, sent: bool = True) -> None:
         """End the call's hold: free its slot, settle its tokens, record its usage.
@@ -52,6 +56,14 @@ class Admission:
         tokens = self.meter.tokens if self.meter is not None else None
         if not sent:
             tokens = 0
+        if self.meter is not None and self.meter.distrusted:
+            kinds = " and ".join(sorted(self.meter.distrusted))
+            log.warning(
+                "%s: the upstream reported %s usage that is not a whole number from 0 to 2**53; "
+                "its call keeps the whole reservation (if any)",
+                self.client.label,
+                kinds,
+            )
         if self.store is None:
             return
         row = None
@@ -63,6 +75,7 @@ class Admission:
                 self.meter.input_tokens if self.meter else None,
                 self.meter.output_tokens if self.meter else None,
                 status or 0,
+                self.user,
             )
         try:
             if self.ticket is not None:
@@ -82,20 +95,25 @@ def admit(
     query: Iterable[tuple[str, str]],
     *,
     parsed: Any = NOT_PARSED,
+    session: Session | None = None,
 ) -> Admission:
-    """Check ``client``'s model, ceiling and limits for one call; raise GatewayError if refused."""
+    """Check ``client``'s model, ceiling and limits for one call; raise GatewayError if refused.
+
+    A call made with a ``session`` token also counts against its user's limits.
+    """
     target = client.target
-    scopes = tuple(
-        (scope, limits)
-        for scope, limits in (
-            (f"client:{client.label}", client.limits),
-            (f"target:{target.name}", target.limits),
-        )
-        if limits
-    )
+    candidates = [
+        (f"client:{client.label}", client.limits),
+        (f"target:{target.name}", target.limits),
+    ]
+    if session is not None and client.sessions is not None:
+        candidates.insert(0, (session.scope, client.sessions.limits))
+    scopes = tuple((scope, limits) for scope, limits in candidates if limits)
     budgeted = any(limits.tokens for _, limits in scopes)
-    llm = read_call(body, query, client.models, client.max_tokens, budgeted, parsed)
+    upstream_path = urlsplit(target.base_url).path + path  # where path-named models are read
+    llm = read_call(body, query, client.models, client.max_tokens, budgeted, parsed, upstream_path)
     admission = Admission(client, store if scopes or llm.model else None, llm)
+    admission.user = session.user if session is not None else None
     if llm.model is not None and budgeted and target.inject_usage:
         admission.body = with_usage_requested(llm, path)
     if not scopes:
@@ -116,6 +134,7 @@ def admit(
         ) from None
     admission.headers = verdict.headers()
     if not verdict.admitted:
-        raise GatewayError(verdict.code, _REFUSALS[verdict.code], headers=admission.headers)
+        message = _REFUSALS[verdict.code].format(who=_WHO[session is not None])
+        raise GatewayError(verdict.code, message, headers=admission.headers)
     admission.ticket = verdict.ticket
     return admission

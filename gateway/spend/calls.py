@@ -1,53 +1,62 @@
 """LLM calls: which model a call asks for, its token ceiling, and its reservation.
 
-Plain Python with no Flask imports. A call is an LLM call when its JSON body has
-a top-level ``model``. Every place an upstream could read a model name from (the
-body's ``model`` and a ``model`` query parameter) is checked against the client's
-``allowedModels``.
+Plain Python with no Flask imports. A call is recognised by what its upstream
+would read, in every provider dialect (``dialects.EVERY``): a model named in the
+path (Gemini, Azure, Bedrock), in the body (``model``, and OpenRouter's
+``models`` list) or in a ``model`` query parameter. Every name is checked
+against the client's ``allowedModels``, and every name must be a plain one
+(``MAX_MODEL_LENGTH`` printable characters) for any client.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from ..errors import PolicyError
 from ..policy.models import ModelPattern
+from .dialects import EVERY, Field, fold
 
 # read_call's default: the body has not been read as JSON yet.
 NOT_PARSED: Any = object()
 
 __all__ = [
-    "CEILING_FIELDS",
+    "MAX_COUNT",
+    "MAX_MODEL_LENGTH",
     "NOT_PARSED",
     "LLMCall",
     "read_call",
     "with_usage_requested",
 ]
 
-# The fields OpenAI (chat, legacy), Anthropic and OpenAI's Responses API read a
-# call's output ceiling from.
-CEILING_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Model names go into logs, usage rows and metric labels: short and printable.
+MAX_MODEL_LENGTH = 256
+# Answers per call (n, best_of, candidateCount): OpenAI's own bound for n.
+MAX_COUNT = 128
+
+_MODEL_REQUIRED = "must name its model in the body's model field (or the path)"
 
 
 @dataclass(frozen=True)
 class LLMCall:
-    """What the gateway read from a call's body: its model, ceiling and parsed JSON."""
+    """What the gateway read from a call: its model, ceiling, answer count and parsed JSON."""
 
     model: str | None
     ceiling: int | None
     body: dict[str, Any] | None
+    count: int = 1  # answers the upstream generates (n, best_of, candidateCount)
 
     def reservation(self, body_size: int) -> int:
-        """Return the tokens to reserve: the ceiling plus a bound on the prompt.
+        """Return the tokens to reserve: the ceiling for each answer plus a bound on the prompt.
 
         A token is at least one byte of the text it stands for, and the JSON
         around the text outweighs the few tokens a chat template adds, so the
         body's size in bytes bounds the prompt's tokens (for text prompts).
         """
-        return (self.ceiling or 0) + body_size
+        return (self.ceiling or 0) * self.count + body_size
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -58,6 +67,64 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _model_name(value: Any) -> str:
+    """Return ``value`` if it is a plain model name; raise ``invalid_model`` otherwise."""
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_MODEL_LENGTH and value.isprintable()):
+        raise PolicyError(
+            "invalid_model",
+            f"must name models in 1 to {MAX_MODEL_LENGTH} printable characters "
+            "(no control characters)",
+        )
+    return value
+
+
+Refusal = Callable[[str], PolicyError]
+
+
+def _no_model(reason: str) -> PolicyError:
+    return PolicyError("model_required", reason)
+
+
+def _bad_ceiling(reason: str) -> PolicyError:
+    return PolicyError("max_tokens_required", reason)
+
+
+def _bad_count(reason: str) -> PolicyError:
+    return PolicyError("invalid_choice_count", reason)
+
+
+def _values(body: dict[str, Any], path: Field, refuse: Refusal | None) -> list[Any]:
+    """Return every value at ``path`` in ``body``, in any accepted spelling.
+
+    With ``refuse`` (a rule applies), a key that folds to an accepted spelling
+    without being one is refused, since some upstream would read it as the field.
+    """
+    found: list[Any] = [body]
+    for spellings in path:
+        folded = {fold(name) for name in spellings}
+        inner = []
+        for holder in found:
+            if not isinstance(holder, dict):
+                continue
+            if refuse is not None:
+                for key in holder:
+                    if key not in spellings and fold(key) in folded:
+                        raise refuse(f"writes {key!r}; spell it {spellings[0]!r}")
+            inner += [holder[name] for name in spellings if name in holder]
+        found = inner
+    return found
+
+
+def _whole(values: list[Any], refuse: Refusal, reason: str, top: int | None = None) -> int | None:
+    """Return the largest of ``values``, each a whole number from 1 (to ``top``), or None."""
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise refuse(reason)
+        if top is not None and value > top:
+            raise refuse(reason)
+    return max(values, default=None)
+
+
 def read_call(
     body: bytes | None,
     query: Iterable[tuple[str, str]],
@@ -65,12 +132,15 @@ def read_call(
     max_tokens: int | None,
     needs_ceiling: bool,
     parsed: Any = NOT_PARSED,
+    path: str = "",
 ) -> LLMCall:
-    """Read ``body`` and check its model and ceiling; raise ``PolicyError`` if refused.
+    """Read a call and check its model and ceiling; raise ``PolicyError`` if refused.
 
+    ``path`` is the path the upstream sees (the target's base path included).
     ``needs_ceiling`` (a token budget applies) makes a ceiling required even
     without ``max_tokens`` configured. Where any rule applies, the body must be a
-    JSON object (or empty); elsewhere a body that is not is simply not an LLM call.
+    JSON object (or empty) that names its model; elsewhere a body that is not
+    JSON is simply not an LLM call.
     ``parsed`` is the body already read as JSON (the envelope's), to skip reading it again.
     """
     strict = bool(models) or max_tokens is not None or needs_ceiling
@@ -86,30 +156,79 @@ def read_call(
                 raise PolicyError("invalid_json", "is not valid JSON") from None
     if strict and parsed is not None and not isinstance(parsed, dict):
         raise PolicyError("invalid_json", "is not a JSON object")
-    asked = [value for name, value in query if name == "model"]
-    if isinstance(parsed, dict) and "model" in parsed:
-        asked.append(parsed["model"])
+    fields = parsed if isinstance(parsed, dict) else None
+    named = _Named.read(fields, query, unquote(path), strict)
     if models:
-        for model in asked:
-            if not isinstance(model, str) or not any(p.matches(model) for p in models):
+        for model in named.every():
+            if not any(p.matches(model) for p in models):
                 raise PolicyError("model_not_allowed", "may not use this model")
-    if not isinstance(parsed, dict) or "model" not in parsed:
+    model = named.metered()
+    if model is None:
+        if strict and fields is not None:
+            raise PolicyError("model_required", _MODEL_REQUIRED)
         return LLMCall(None, None, parsed)
-    ceiling = None
-    for name in CEILING_FIELDS:
-        if name in parsed:
-            value = parsed[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PolicyError(
-                    "max_tokens_required", f"sets {name} to something not a whole number"
-                )
-            ceiling = max(ceiling or 0, value)
+    ceiling = count = None
+    if fields is not None:
+        ceiling = _whole(
+            _all(fields, EVERY.ceilings, _bad_ceiling if strict else None),
+            _bad_ceiling,
+            "sets its output ceiling (max_tokens) to something not a whole number",
+        )
+        if strict:
+            count = _whole(
+                _all(fields, EVERY.counts, _bad_count),
+                _bad_count,
+                f"must ask for 1 to {MAX_COUNT} answers (n, best_of, candidateCount)",
+                MAX_COUNT,
+            )
     if ceiling is None and (max_tokens is not None or needs_ceiling):
         raise PolicyError("max_tokens_required", "must set max_tokens (or max_completion_tokens)")
     if max_tokens is not None and ceiling is not None and ceiling > max_tokens:
         raise PolicyError("max_tokens_not_allowed", f"may ask for at most {max_tokens} tokens")
-    model = parsed["model"] if isinstance(parsed["model"], str) else None
-    return LLMCall(model, ceiling, parsed)
+    return LLMCall(model, ceiling, parsed, count or 1)
+
+
+def _all(body: dict[str, Any], spots: tuple[Field, ...], refuse: Refusal | None) -> list[Any]:
+    return [value for spot in spots for value in _values(body, spot, refuse)]
+
+
+@dataclass(frozen=True)
+class _Named:
+    """Every model name a call gives its upstream, by where it is written."""
+
+    path: list[str]
+    body: list[str]
+    lists: list[str]  # fallbacks (OpenRouter's models)
+    query: list[str]
+
+    @classmethod
+    def read(
+        cls, body: dict[str, Any] | None, query: Iterable[tuple[str, str]], path: str, strict: bool
+    ) -> _Named:
+        """Read and bound every name; with ``strict``, refuse a respelled model key."""
+        refuse = _no_model if strict else None
+        in_path = [_model_name(m["model"]) for p in EVERY.path_models if (m := p.search(path))]
+        in_body, in_lists = [], []
+        if body is not None:
+            in_body = [_model_name(v) for v in _all(body, EVERY.models, refuse) if v is not None]
+            for value in _all(body, EVERY.model_lists, refuse):
+                if not isinstance(value, list):
+                    raise PolicyError("invalid_model", "must send models as a list of names")
+                in_lists += [_model_name(item) for item in value]
+        in_query = []
+        for name, value in query:
+            if name == "model":
+                in_query.append(_model_name(value))
+            elif strict and fold(name) == "model":
+                raise _no_model(f"writes the query parameter {name!r}; spell it 'model'")
+        return cls(in_path, in_body, in_lists, in_query)
+
+    def every(self) -> list[str]:
+        return self.path + self.body + self.lists + self.query
+
+    def metered(self) -> str | None:
+        """Return the model the call is metered as: the one its upstream reads first."""
+        return next(iter(self.path + self.body + self.query), None)
 
 
 def with_usage_requested(call: LLMCall, path: str) -> bytes | None:

@@ -52,6 +52,7 @@ class UsageRow:
     input_tokens: int | None
     output_tokens: int | None
     status: int
+    user: str | None = None  # a session token's end user
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ def make_plan(ask: Ask, now: float) -> Plan:
     for scope, limits in ask.scopes:
         for rate in limits.requests:
             key, end = counter_key("req", scope, rate, now)
-            requests.append((key, rate.count, end, scope.startswith("client:")))
+            # RateLimit-* tell of the client's and its user's rates, not the target's.
+            requests.append((key, rate.count, end, scope.startswith(("client:", "user:"))))
         if limits.concurrent:
             slots.append((f"conc:{scope}", limits.concurrent))
         for rate in limits.tokens:

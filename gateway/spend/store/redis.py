@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -58,23 +59,28 @@ return cjson.encode({used = used})
 """
 )
 
+# Counts travel as strings: a Lua number is a double, which Redis would write back
+# in exponent form past 1e17, and HINCRBY refuses that halfway through the script.
 _FINISH = """
 local a = cjson.decode(ARGV[1])
 for i, key in ipairs(a.slots) do redis.call('ZREM', key, a.ticket) end
 for i, r in ipairs(a.reservations) do
   if redis.call('EXISTS', r[1]) == 1 then
-    redis.call('HINCRBY', r[1], 'reserved', -r[2])
-    local spent = r[2]
-    if a.tokens >= 0 then spent = a.tokens end
-    redis.call('HINCRBY', r[1], 'used', spent)
+    redis.call('HINCRBY', r[1], 'reserved', r[2])
+    redis.call('HINCRBY', r[1], 'used', r[3])
   end
 end
 return 1
 """
 
+# A renewal renews the slot and the set holding it: a set's expiry outlives every
+# slot in it, however long its calls run.
 _RENEW = """
 local a = cjson.decode(ARGV[1])
-for i, h in ipairs(a.held) do redis.call('ZADD', h[1], 'XX', a.expires, h[2]) end
+for i, h in ipairs(a.held) do
+  redis.call('ZADD', h[1], 'XX', a.expires, h[2])
+  redis.call('EXPIRE', h[1], a.ttl)
+end
 return 1
 """
 
@@ -153,8 +159,10 @@ class RedisStore(Store):
             {
                 "ticket": ticket.id,
                 "slots": ticket.slots,
-                "reservations": [list(r) for r in ticket.reservations],
-                "tokens": -1 if tokens is None else tokens,
+                "reservations": [
+                    [key, str(-reserved), str(reserved if tokens is None else tokens)]
+                    for key, reserved in ticket.reservations
+                ],
             },
         )
 
@@ -162,7 +170,11 @@ class RedisStore(Store):
         self._call(
             "renew",
             [key for key, _ in held],
-            {"expires": time.time() + LEASE_SECONDS, "held": [list(h) for h in held]},
+            {
+                "expires": time.time() + LEASE_SECONDS,
+                "ttl": math.ceil(LEASE_SECONDS) * 2,
+                "held": [list(h) for h in held],
+            },
         )
 
     def record(self, row: UsageRow) -> None:

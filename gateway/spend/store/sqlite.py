@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ CREATE TABLE IF NOT EXISTS slots (
 );
 CREATE TABLE IF NOT EXISTS usage (
     time REAL NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
-    input_tokens INTEGER, output_tokens INTEGER, status INTEGER NOT NULL
+    input_tokens INTEGER, output_tokens INTEGER, status INTEGER NOT NULL, user TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_time ON usage (time);
 """
@@ -55,6 +56,9 @@ class SQLiteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+            if "user" not in columns:  # a file from before sessions
+                db.execute("ALTER TABLE usage ADD COLUMN user TEXT")
             self._local = (os.getpid(), db, _worker_thread())
         return self._local[1], self._local[2]
 
@@ -144,7 +148,9 @@ class SQLiteStore(Store):
     def usage(self, since: float) -> list[UsageRow]:
         rows = self._run(
             lambda db: db.execute(
-                "SELECT * FROM usage WHERE time >= ? ORDER BY time", (since,)
+                "SELECT time, client, model, input_tokens, output_tokens, status, user "
+                "FROM usage WHERE time >= ? ORDER BY time",
+                (since,),
             ).fetchall()
         )
         return [UsageRow(*row) for row in rows]
@@ -174,10 +180,7 @@ def _checked(db: sqlite3.Connection, plan: Plan, now: float) -> Verdict:
 
 
 def _insert_usage(db: sqlite3.Connection, row: UsageRow) -> None:
-    db.execute(
-        "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?)",
-        (row.time, row.client, row.model, row.input_tokens, row.output_tokens, row.status),
-    )
+    db.execute("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?)", astuple(row))
 
 
 def _worker_thread():

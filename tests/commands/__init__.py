@@ -1,0 +1,1 @@
+"""Tests of gateway/commands: check-config, keys, explain."""

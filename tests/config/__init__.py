@@ -1,0 +1,1 @@
+"""Tests of gateway/config: loading and validating the file, TLS settings."""

@@ -1,0 +1,1 @@
+"""The README's deployments: Apache + Passenger, nginx, systemd, wsgi.py, stream headers."""

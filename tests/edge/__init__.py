@@ -1,0 +1,1 @@
+"""Tests of gateway/edge: routes, bodies, the pipeline, CORS, OpenAPI; live under gunicorn."""

@@ -1,0 +1,1 @@
+"""Tests of gateway/observe: request ids, the access log, metrics; live under gunicorn, HUP."""

@@ -1,0 +1,1 @@
+"""Tests of gateway/policy: paths, keys, headers, the egress guard, hostile input."""

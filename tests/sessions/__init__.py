@@ -1,0 +1,1 @@
+"""Browser sessions: gs_ tokens minted, checked, and limited per end user."""

@@ -1,0 +1,1 @@
+"""Minutes of mixed load (-m slow): memory and descriptors stay flat."""

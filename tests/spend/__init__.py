@@ -1,0 +1,1 @@
+"""Tests of gateway/spend: admission, stores, LLM calls and usage; live on SQLite and Redis."""

@@ -1,0 +1,70 @@
+"""The upstream client: redirects returned, no cookie jar, transport failures mapped to 502/504."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import responses
+
+from ..support import CANARIES, DEAD_KEY, READONLY_KEY, SLOW_KEY, UPSTREAM, assert_error, envelope
+
+
+def test_redirects_are_returned_not_followed(client, mocked_upstream):
+    mocked_upstream.add(
+        responses.GET,
+        f"{UPSTREAM}/models",
+        status=302,
+        headers={"Location": "https://elsewhere.example/steal"},
+    )
+    response = envelope(client, {"path": "/models"})
+    assert response.status_code == 302
+    assert response.headers["Location"] == "https://elsewhere.example/steal"
+    assert len(mocked_upstream.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (requests.exceptions.ConnectTimeout(), 504, "upstream_timeout"),
+        (requests.exceptions.ReadTimeout(), 504, "upstream_timeout"),
+        (
+            requests.exceptions.ConnectionError("Bearer " + CANARIES["CANARY_OPENAI"]),
+            502,
+            "upstream_error",
+        ),
+        (requests.exceptions.InvalidHeader("x"), 502, "upstream_error"),
+    ],
+)
+def test_transport_failures_get_a_stable_502_or_504(client, mocked_upstream, error, status, code):
+    mocked_upstream.add(responses.GET, f"{UPSTREAM}/models", body=error)
+    response = envelope(client, {"path": "/models"})
+    assert_error(response, status, code)
+    assert type(error).__name__ not in response.get_data(as_text=True)
+
+
+def test_upstream_cookies_are_never_sent_on_a_later_call(client, mocked_upstream):
+    mocked_upstream.add(
+        responses.GET,
+        f"{UPSTREAM}/models",
+        json={},
+        headers={"Set-Cookie": "session=one-clients-cookie; Path=/"},
+    )
+    mocked_upstream.add(responses.GET, f"{UPSTREAM}/models", json={})
+    envelope(client, {"path": "/models"})
+    envelope(client, {"path": "/models"}, headers={"Authorization": f"Bearer {READONLY_KEY}"})
+    assert "Cookie" not in mocked_upstream.calls[1].request.headers
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "status", "code"),
+    [
+        (SLOW_KEY, "/proxy/slow?delay=3", 504, "upstream_timeout"),
+        (DEAD_KEY, "/proxy/anything", 502, "upstream_unreachable"),
+    ],
+)
+def test_upstream_timeouts_and_closed_ports(live_gateway, key, path, status, code):
+    response = requests.get(
+        live_gateway.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
+    assert response.status_code == status
+    assert response.json()["error"] == code
