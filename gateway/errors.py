@@ -37,7 +37,7 @@ class Code(NamedTuple):
 
 
 # Every error code the gateway (and gunicorn, answering for it) can send: the
-# contract clients code against. Raise sites, the OpenAPI document, the README's
+# contract clients code against. Raise sites, the OpenAPI document, the docs'
 # error list and gunicorn.conf.py's copy all come from (or are tested against) it.
 CODES: dict[str, Code] = {
     "bad_request": Code(400, "a request gunicorn or werkzeug cannot parse"),
@@ -267,7 +267,7 @@ def dialect_table() -> str:
 
 
 def markdown_table() -> str:
-    """Return the README's error table, one row per code, ordered by status."""
+    """Return the error table of docs/reference/errors.md, one row per code, by status."""
     rows = ["| status | `error` | when |", "| --- | --- | --- |"]
     for code, (status, meaning) in sorted(CODES.items(), key=lambda item: item[1].status):
         rows.append(f"| {status} | `{code}` | {meaning} |")

@@ -1,4 +1,4 @@
-"""Helpers for the deployment tests: README blocks, Debian programs, streams, a copied app."""
+"""Helpers for the deployment tests: the docs' blocks, Debian programs, streams, a copied app."""
 
 from __future__ import annotations
 
@@ -21,16 +21,17 @@ _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 
 
 def readme_block(marker: str) -> str:
-    """Return the one fenced code block in README.md that holds ``marker``."""
-    blocks = [b for b in _FENCE.findall((ROOT / "README.md").read_text()) if marker in b]
-    assert len(blocks) == 1, f"README.md must have one code block holding {marker!r}"
+    """Return the one fenced code block in the docs (docs/ and README.md) holding ``marker``."""
+    pages = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
+    blocks = [b for page in pages for b in _FENCE.findall(page.read_text()) if marker in b]
+    assert len(blocks) == 1, f"the docs must have one code block holding {marker!r}"
     return blocks[0]
 
 
 def substitute(text: str, replacements: dict[str, str]) -> str:
     """Replace each key of ``replacements`` in ``text``; every key must occur."""
     for old, new in replacements.items():
-        assert old in text, f"the README block no longer holds {old!r}"
+        assert old in text, f"the docs' block no longer holds {old!r}"
         text = text.replace(old, new)
     return text
 

@@ -27,7 +27,7 @@ __all__ = ["init_app"]
 EXPIRY_WARNING = timedelta(days=14)
 _MIGRATE = (
     "hash it with `flask --app gateway keys hash` and list the hash under keys: "
-    "(README: Migrating from plaintext keys)"
+    "(docs/guides/upgrading-from-seed.md)"
 )
 
 
@@ -214,8 +214,8 @@ def keys_hash() -> None:
     if found is not None and found[1].plaintext:
         click.echo(
             f"This is the plaintext key of clients.{found[0].label}: give that client a name "
-            "as its map key, and list this item under its keys: (README: Migrating from "
-            "plaintext keys).",
+            "as its map key, and list this item under its keys: "
+            "(docs/guides/upgrading-from-seed.md).",
             err=True,
         )
     click.echo(key_item(key))

@@ -78,7 +78,7 @@ def _key_items(
     if is_key_item(key):
         problems.append(
             f"{where}: the map key is a key hash; a client with hashed keys is named by its "
-            "map key and lists the hash under keys: (see README, Migrating from plaintext keys)"
+            "map key and lists the hash under keys: (see docs/guides/upgrading-from-seed.md)"
         )
         return []
     return [KeyItem(key_digest(key), plaintext=True)]

@@ -27,7 +27,7 @@ _UPSTREAM_ANSWER = {
 }
 
 # What "Try it out" sends unless the reader edits it: a chat completion through
-# the envelope, which works with the clients in the README's examples.
+# the envelope, which works with the clients in the docs' examples.
 ENVELOPE_EXAMPLE = {
     "method": "POST",
     "path": "/chat/completions",

@@ -33,7 +33,7 @@ _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 _RANDOM_CHARS = 43
 # CRC32 of the random part in base62; 62**6 > 2**32, so six characters always hold it.
 _CHECKSUM_CHARS = 6
-# What a secret scanner looks for (the README gives it); checksum_ok confirms a match.
+# What a secret scanner looks for (docs/reference/cli.md gives it); checksum_ok confirms a match.
 KEY_PATTERN = rf"\b{PREFIX}[0-9A-Za-z]{{{_RANDOM_CHARS + _CHECKSUM_CHARS}}}\b"
 _ITEM = re.compile(r"sha256:([0-9a-f]{64})")
 
