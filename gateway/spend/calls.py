@@ -61,11 +61,12 @@ class LLMCall:
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
+    # The dict itself tells: a key written twice leaves it shorter than the pairs.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
         # Two "model" keys: the gateway and the upstream could read different ones.
         raise ValueError("a key written twice")
-    return dict(pairs)
+    return obj
 
 
 def _model_name(value: Any) -> str:

@@ -511,3 +511,20 @@ def test_the_first_respelled_key_is_the_one_refused(body, code, reason):
         with pytest.raises(PolicyError) as info:
             read_call(data, (), (), None, True, body if data is None else NOT_PARSED)
         assert (info.value.code, info.value.reason.split(";")[0]) == (code, reason)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"model": "m", "model": "m", "max_tokens": 5}',
+        b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "role": "system"}]}',
+        b'{"model": "m", "max_tokens": 5, "generationConfig": {"a": 1, "b": {"c": 1, "c": 2}}}',
+        b'{"model": "m", "max_tokens": 5, "mod\\u0065l": "x"}',
+    ],
+)
+def test_a_key_written_twice_anywhere_is_refused(data):
+    with pytest.raises(PolicyError) as info:
+        read_call(data, (), (), None, True)
+    assert info.value.code == "invalid_json"
+    # Without rules such a body is not read as an LLM call at all (nothing to meter by).
+    assert read_call(data, (), (), None, False).model is None
