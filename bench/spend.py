@@ -64,8 +64,8 @@ def cpu_rounds(configs: dict[str, str], calls: int, rounds: int) -> dict[str, li
     from gateway import create_app
 
     apps = {
-        name: create_app({"GATEWAY_CONFIG": path, "GATEWAY_ENVIRON": dict(os.environ)})
-        for name, path in configs.items()
+        name: create_app({"GATEWAY_CONFIG": configs[name], "GATEWAY_ENVIRON": dict(os.environ)})
+        for name in VARIANTS
     }
     auth = {"Authorization": f"Bearer {bench.KEY}"}
     envelope = {"method": "POST", "path": "/chat/completions", "body": LLM_BODY}
@@ -102,14 +102,86 @@ def _cpu_main(args: argparse.Namespace) -> None:
     from gevent import monkey
 
     monkey.patch_all()
-    configs = json.loads(args.cpu_worker)
+    job = json.loads(args.cpu_worker)
+    sys.path.insert(0, job["root"])  # the checkout whose gateway is measured
     with open(os.devnull, "w") as sink:
         stdout, sys.stdout = sys.stdout, sink  # the access lines
         try:
-            result = cpu_rounds(configs, args.calls, args.runs)
+            if job.get("stores"):
+                result = store_costs(job["folder"], job["redis"], args.calls, args.runs)
+            else:
+                result = cpu_rounds(job["configs"], args.calls, args.runs)
         finally:
             sys.stdout = stdout
     print(json.dumps(result))
+
+
+# --- what each store-side direction would save ------------------------------------------
+
+
+def store_costs(folder: str, redis_url: str, count: int, rounds: int) -> dict[str, list[float]]:
+    """Return µs of CPU per operation, per round: the stores' steps and their alternatives.
+
+    Gevent-patched, as a worker is. Reads the stores' connections directly to time
+    what they would cost without the thread hand-off, batched, or pipelined.
+    """
+    from gevent.threadpool import ThreadPool
+
+    from gateway.policy.limits import Ask, LimitSet, parse_rate
+    from gateway.spend.store.base import UsageRow
+    from gateway.spend.store.redis import RedisStore
+    from gateway.spend.store.sqlite import SQLiteStore
+
+    limits = LimitSet((parse_rate("100000000/day"),), 100000, (parse_rate("100000000000/day"),))
+    ask = Ask((("client:bench", limits),), 100)
+    row = UsageRow(time.time(), "bench", "bench-model", 10, 20, 200, None)
+    sqlite = SQLiteStore(f"{folder}/costs.sqlite3")
+    direct = SQLiteStore(f"{folder}/costs.sqlite3")
+    db, _ = direct._connection()
+    direct._local = (os.getpid(), db, None)  # the same SQL, run in the calling greenlet
+    redis = RedisStore(redis_url)
+    client = redis._redis()["client"]
+    pool = ThreadPool(1)
+    insert = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?)"
+    values = (row.time, row.client, row.model, 10, 20, 200, None)
+
+    def limited(store) -> None:
+        verdict = store.admit(ask)
+        store.finish(verdict.ticket, 50, row)
+
+    def batch_of_100() -> None:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(insert, [values] * 100)
+        db.execute("COMMIT")
+
+    def pipelined() -> None:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            pipe.ping()
+            pipe.execute()
+
+    steps = {
+        "thread hand-off (an empty call)": (lambda: pool.apply(lambda: None), 1),
+        "SQLite: usage row, as today (hand-off + one commit)": (lambda: sqlite.record(row), 1),
+        "SQLite: usage row, no hand-off": (lambda: direct.record(row), 1),
+        "SQLite: usage row, in a batch of 100": (batch_of_100, 100),
+        "SQLite: admit + settle, as today (2 hand-offs, 2 commits)": (lambda: limited(sqlite), 1),
+        "SQLite: admit + settle, no hand-off": (lambda: limited(direct), 1),
+        "Redis: admit + settle + usage, as today (3 round trips)": (lambda: limited(redis), 1),
+        "Redis: one round trip (PING)": (client.ping, 1),
+        "Redis: two commands in one pipeline": (pipelined, 1),
+    }
+    for step, _ in steps.values():  # warm-up
+        step()
+    out: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(rounds):
+        for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
+            step, per = steps[name]
+            started = time.process_time()
+            for _ in range(count // per):
+                step()
+            out[name].append((time.process_time() - started) / (count // per * per) * 1e6)
+    return out
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -124,13 +196,61 @@ def _stream_round(run: Bench, port: int, prefix: str, count: int, key: str) -> d
     }
 
 
+def _worker(job: dict, args: argparse.Namespace, run: Bench, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as metrics:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.spend",
+                "--cpu-worker",
+                json.dumps(job),
+                "--calls",
+                str(args.calls),
+                "--runs",
+                str(rounds),
+            ],
+            cwd=ROOT,
+            env={**run.env, "PROMETHEUS_MULTIPROC_DIR": metrics},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return json.loads(out)
+
+
+def _cpu(args: argparse.Namespace, configs: dict[str, str], run: Bench, redis: str) -> dict:
+    """Return CPU per call, round by round (alternating with ``--cpu-baseline``'s), and the
+    stores' step costs."""
+    roots = {"this": ROOT}
+    if args.cpu_baseline:
+        roots["base"] = args.cpu_baseline.resolve()
+    calls: dict[str, dict[str, list[float]]] = {name: {} for name in roots}
+    for i in range(args.runs):
+        for name in list(roots) if i % 2 == 0 else list(roots)[::-1]:
+            job = {"root": str(roots[name]), "configs": configs}
+            for case, rounds in _worker(job, args, run, 1).items():
+                calls[name].setdefault(case, []).extend(rounds)
+    job = {"root": str(ROOT), "stores": True, "folder": str(run.tmp), "redis": redis}
+    return {**calls, "stores": _worker(job, args, run, args.runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.spend", description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--random-timing", type=int, default=1000)
     parser.add_argument("--calls", type=int, default=1000, help="calls per CPU round")
-    parser.add_argument("--baseline", type=Path, help="another checkout, with no limits")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="another checkout to run with no limits (repeatable)",
+    )
+    parser.add_argument(
+        "--cpu-baseline", type=Path, help="another checkout to measure CPU per call against"
+    )
     parser.add_argument("--cpu-only", action="store_true", help="only the in-process CPU")
     parser.add_argument("--cpu-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,27 +284,7 @@ def main() -> None:
         )
         print("in-process CPU per call...", file=sys.stderr)
         cpu_load = os.getloadavg()
-        with tempfile.TemporaryDirectory() as metrics:
-            cpu = json.loads(
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.spend",
-                        "--cpu-worker",
-                        json.dumps(configs),
-                        "--calls",
-                        str(args.calls),
-                        "--runs",
-                        str(args.runs),
-                    ],
-                    cwd=ROOT,
-                    env={**run.env, "PROMETHEUS_MULTIPROC_DIR": metrics},
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout
-            )
+        cpu = _cpu(args, configs, run, storages["redis"])
         cpu_load = (cpu_load, os.getloadavg())
         if args.cpu_only:
             print("\n".join(_cpu_lines(args, cpu, cpu_load)))
@@ -208,20 +308,20 @@ def main() -> None:
             "sqlite": System("gateway, SQLite limits, LLM envelope", gw["sqlite"] + "/proxy", True),
             "redis": System("gateway, Redis limits, LLM envelope", gw["redis"] + "/proxy", True),
         }
-        if args.baseline:
-            run.ports["baseline"] = free_port()
-            run.started["baseline"] = run.gunicorn(
-                "baseline",
+        for i, checkout in enumerate(args.baseline):
+            name = f"base{i}"
+            run.ports[name] = free_port()
+            run.started[name] = run.gunicorn(
+                name,
                 "wsgi:app",
-                {"GATEWAY_CONFIG": str(run.write_config("baseline.yaml", run.upstream))},
-                cwd=args.baseline.resolve(),
+                {"GATEWAY_CONFIG": str(run.write_config(f"{name}.yaml", run.upstream))},
+                cwd=checkout.resolve(),
             )
-            base = f"http://127.0.0.1:{run.ports['baseline']}"
-            systems["base"] = System(
-                f"{args.baseline.name}, no limits, LLM envelope", base + "/proxy", True
-            )
-            systems["base GET"] = System(
-                f"{args.baseline.name}, transparent GET", base + "/proxy/models", False
+            url = f"http://127.0.0.1:{run.ports[name]}"
+            label = f"{checkout.name} (no limits)"
+            systems[name] = System(f"{label}, LLM envelope", url + "/proxy", True)
+            systems[f"{name} GET"] = System(
+                f"{label}, transparent GET", url + "/proxy/models", False
             )
         direct = System("upstream, direct", up + "/v1/models", False)
         at_one = [direct, *(s for k, s in systems.items() if "GET" not in k)]
@@ -253,6 +353,19 @@ def main() -> None:
     finally:
         run.stop()
         redis.terminate()
+    raw = run.tmp / "raw.json"
+    raw.write_text(
+        json.dumps(
+            {
+                "systems": {k: v.__dict__ for k, v in {"direct": direct, **systems}.items()},
+                "streams": streams,
+                "load": load,
+                "cpu": cpu,
+                "cpu_load": cpu_load,
+            }
+        )
+    )
+    print(f"raw figures: {raw}", file=sys.stderr)
     print("\n".join(_report(args, systems, direct, streams, load, cpu, cpu_load)))
 
 
@@ -264,26 +377,45 @@ def _added(a: list[float], b: list[float]) -> float:
     return statistics.median(x - y for x, y in zip(a, b, strict=True))
 
 
-def _cpu_lines(args, cpu: dict[str, list[float]], cpu_load) -> list[str]:
+_CASES = (
+    ("off LLM", "LLM call, no limits"),
+    ("off GET", "transparent GET, no limits"),
+    ("sqlite LLM", "LLM call, SQLite limits"),
+    ("redis LLM", "LLM call, Redis limits"),
+)
+
+
+def _cpu_lines(args, measured: dict, cpu_load) -> list[str]:
     med = statistics.median
-    off = cpu["off LLM"]
+    cpu, base = measured["this"], measured.get("base")
     lines = [
-        f"In-process CPU per call ({args.runs} rounds of {args.calls} calls, interleaved; "
-        f"load average {cpu_load[0][0]:.1f} before, {cpu_load[1][0]:.1f} after):",
+        f"In-process CPU per call ({args.runs} rounds of {args.calls} calls"
+        + (f", alternating with {args.cpu_baseline}" if base else "")
+        + f"; load average {cpu_load[0][0]:.1f} before, {cpu_load[1][0]:.1f} after):",
         "",
-        "| call | µs per call, per round | median | vs no limits |",
-        "| --- | --- | ---: | ---: |",
+        "| call | µs per call, per round | median | vs no limits |"
+        + (" baseline µs | this / baseline |" if base else ""),
+        "| --- | --- | ---: | ---: |" + (" ---: | ---: |" if base else ""),
     ]
-    for case, label in (
-        ("off LLM", "LLM call, no limits"),
-        ("off GET", "transparent GET, no limits"),
-        ("sqlite LLM", "LLM call, SQLite limits"),
-        ("redis LLM", "LLM call, Redis limits"),
-    ):
+    for case, label in _CASES:
         rounds = ", ".join(f"{v:,.0f}" for v in cpu[case])
-        lines.append(
-            f"| {label} | {rounds} | {med(cpu[case]):,.0f} | {_ratio(cpu[case], off):.2f} |"
+        line = (
+            f"| {label} | {rounds} | {med(cpu[case]):,.0f} | "
+            f"{_ratio(cpu[case], cpu['off LLM']):.2f} |"
         )
+        if base:
+            line += f" {med(base[case]):,.0f} | {_ratio(cpu[case], base[case]):.2f} |"
+        lines.append(line)
+    lines += [
+        "",
+        "What the stores' steps cost, and their alternatives (one process, rounds interleaved):",
+        "",
+        "| step | µs of CPU per operation (per call for admit + settle), per round | median |",
+        "| --- | --- | ---: |",
+    ]
+    for name, rounds in measured["stores"].items():
+        per_round = ", ".join(f"{v:,.1f}" for v in rounds)
+        lines.append(f"| {name} | {per_round} | {med(rounds):,.1f} |")
     return lines
 
 
@@ -295,18 +427,19 @@ def _report(args, systems, direct, streams, load, cpu, cpu_load) -> list[str]:
             "LLM call, no limits, vs the floor",
             f"**{_ratio(s['off'].rps, s['floor'].rps):.2f}×**",
             "≥ 0.8×",
-        ),
+        )
     ]
-    if "base" in s:
+    for i, checkout in enumerate(args.baseline):
+        base = f"base{i}"
         rows += [
             (
-                f"LLM call, no limits, vs {args.baseline.name}",
-                f"{_ratio(s['off'].rps, s['base'].rps):.2f}×",
+                f"LLM call, no limits, vs {checkout.name}",
+                f"{_ratio(s['off'].rps, s[base].rps):.2f}×",
                 "–",
             ),
             (
-                f"plain `GET`, vs {args.baseline.name}",
-                f"{_ratio(s['off GET'].rps, s['base GET'].rps):.2f}×",
+                f"plain `GET`, vs {checkout.name}",
+                f"{_ratio(s['off GET'].rps, s[base + ' GET'].rps):.2f}×",
                 "–",
             ),
         ]
@@ -323,19 +456,19 @@ def _report(args, systems, direct, streams, load, cpu, cpu_load) -> list[str]:
             "≥ 0.9×",
         ),
     ]
-    for key, label, goal in (
-        ("floor", "floor:forward", "–"),
-        ("off", "no limits", "≤ 1.1 ms"),
-        ("sqlite", "SQLite limits", "≤ no limits + 0.3 ms"),
-        ("redis", "Redis limits", "≤ no limits + 0.3 ms"),
-    ):
+    added_off = _added(s["off"].p50_1, direct.p50_1)
+    rows.append(("added latency at 1 connection, no limits", f"{added_off:.2f} ms", "≤ 1.1 ms"))
+    for key, label in (("sqlite", "SQLite"), ("redis", "Redis")):
+        added = _added(s[key].p50_1, direct.p50_1)
         rows.append(
             (
-                f"added latency at 1 connection, {label}",
-                f"{_added(s[key].p50_1, direct.p50_1):.2f} ms",
-                goal,
+                f"added latency at 1 connection, {label} limits",
+                f"{added:.2f} ms ({added - added_off:+.2f})",
+                "≤ no limits + 0.3 ms",
             )
         )
+    added_floor = _added(s["floor"].p50_1, direct.p50_1)
+    rows.append(("added latency at 1 connection, floor:forward", f"{added_floor:.2f} ms", "–"))
     if args.random_timing:
         lost = [r["lost"] for r in streams["gateway"]]
         added = _added(
@@ -348,10 +481,11 @@ def _report(args, systems, direct, streams, load, cpu, cpu_load) -> list[str]:
                 "0 lost, ≤ 50 ms",
             )
         )
+    command = " ".join(["python -m bench.spend", *sys.argv[1:]])
     lines = [
-        f"`python -m bench.spend --runs {args.runs} --duration {args.duration}"
-        f"{f' --baseline {args.baseline}' if args.baseline else ''}`; load average (1 min) at "
-        "each run's start and at the end: " + ", ".join(f"{one:.1f}" for one, _, _ in load) + ".",
+        f"`{command}`; load average (1 min) at each run's start and at the end: "
+        + ", ".join(f"{one:.1f}" for one, _, _ in load)
+        + ".",
         "",
         "| call | today | goal |",
         "| --- | ---: | ---: |",
@@ -360,19 +494,22 @@ def _report(args, systems, direct, streams, load, cpu, cpu_load) -> list[str]:
         "| system | req/s at 32 conn, per run | median | p99 ms at 32 | p50 ms at 1 | wrk errors |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
+
+    def fig(values: list[float], form: str) -> str:
+        return format(med(values), form) if values else "–"
+
     for system in [direct, *systems.values()]:
         per_run = ", ".join(f"{v:,.0f}" for v in system.rps) or "–"
         lines.append(
-            f"| {system.name} | {per_run} | {med(system.rps) if system.rps else 0:,.0f} | "
-            f"{med(system.p99_32) if system.p99_32 else 0:.1f} | {med(system.p50_1):.2f} | "
-            f"{system.errors} |"
+            f"| {system.name} | {per_run} | {fig(system.rps, ',.0f')} | "
+            f"{fig(system.p99_32, '.1f')} | {fig(system.p50_1, '.2f')} | {system.errors} |"
         )
     if args.random_timing:
         lines += [
             "",
-            "Random-timing streams, per round: p99 ms direct "
+            "Random-timing streams, p99 ms per round: direct "
             + ", ".join(f"{r['p99']:.0f}" for r in streams["direct"])
-            + "; through the gateway "
+            + "; through the gateway without limits "
             + ", ".join(f"{r['p99']:.0f}" for r in streams["gateway"])
             + ".",
         ]
