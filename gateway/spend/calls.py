@@ -137,7 +137,7 @@ def _refuse_respelled(
         for key in holder:
             by_fold.setdefault(fold(key), []).append(key)
     hits = _folded(spellings) & by_fold.keys()
-    if any(key not in spellings for hit in hits for key in by_fold[hit]):
+    if hits and any(key not in spellings for hit in hits for key in by_fold[hit]):
         for key in holder:  # the first such key in the body's order, as the message names it
             if key not in spellings and fold(key) in hits:
                 raise refuse(f"writes {key!r}; spell it {spellings[0]!r}")
