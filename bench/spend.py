@@ -1,12 +1,12 @@
 """Spend control at the speed of forwarding (issue 23): its whole table from one command.
 
     .venv/bin/python -m bench.spend [--runs 5] [--duration 5] [--random-timing 1000]
-                                    [--baseline CHECKOUT] [--cpu-only] [--calls 1000]
+        [--baseline CHECKOUT ...] [--cpu-baseline CHECKOUT] [--cpu-only] [--calls 1000]
 
 Starts the bench upstream, redis-server, the forwarding floor (``floor:forward``)
 and three gateways on one upstream: no limits, limits in SQLite and limits in
 Redis (request + concurrency + token limits, set high so none refuses); with
-``--baseline``, also a gateway from another checkout with no limits. Every
+each ``--baseline``, also a gateway from that checkout with no limits. Every
 gateway gets the LLM-shaped envelope (``model`` and ``max_tokens``); the one with
 no limits also a transparent ``GET``. Run by run, in an order that alternates:
 
@@ -18,8 +18,10 @@ no limits also a transparent ``GET``. Run by run, in an order that alternates:
 
 First, the steadier measure: in-process CPU time per call (``time.process_time``,
 a gevent-patched process like a gunicorn worker, the Flask test client, the same
-live upstream and stores), rounds of ``--calls`` calls, interleaved. Prints the
-issue's table in Markdown, with the medians of the per-run ratios.
+live upstream and stores), rounds of ``--calls`` calls, alternating with
+``--cpu-baseline``'s checkout; then each store step beside its alternatives (no
+thread hand-off, a batch, a pipeline). Prints the issue's table in Markdown, with
+the medians of the per-run ratios, and keeps the raw figures in ``raw.json``.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def store_costs(folder: str, redis_url: str, count: int, rounds: int) -> dict[st
 # --- the run ---------------------------------------------------------------------------
 
 
-def _stream_round(run: Bench, port: int, prefix: str, count: int, key: str) -> dict:
+def _stream_round(port: int, prefix: str, count: int, key: str) -> dict:
     through = bench.run_client("streams", port, prefix + bench.RANDOM_SSE, count, bench.SPREAD, key)
     delays = sorted(d * 1000 for stream in through for d in stream)
     return {
@@ -220,8 +222,7 @@ def _worker(job: dict, args: argparse.Namespace, run: Bench, rounds: int) -> dic
 
 
 def _cpu(args: argparse.Namespace, configs: dict[str, str], run: Bench, redis: str) -> dict:
-    """Return CPU per call, round by round (alternating with ``--cpu-baseline``'s), and the
-    stores' step costs."""
+    """Return CPU per call by round (alternating with ``--cpu-baseline``) and store step costs."""
     roots = {"this": ROOT}
     if args.cpu_baseline:
         roots["base"] = args.cpu_baseline.resolve()
@@ -342,11 +343,9 @@ def main() -> None:
                 system.errors += result["errors"]
             if args.random_timing:
                 count = args.random_timing
-                streams["direct"].append(
-                    _stream_round(run, run.ports["upstream"], "/v1", count, "-")
-                )
+                streams["direct"].append(_stream_round(run.ports["upstream"], "/v1", count, "-"))
                 streams["gateway"].append(
-                    _stream_round(run, run.ports["off"], "/proxy", count, bench.KEY)
+                    _stream_round(run.ports["off"], "/proxy", count, bench.KEY)
                 )
             print(f"  run {i + 1}/{args.runs} done, load {load[-1][0]:.1f}", file=sys.stderr)
         load.append(os.getloadavg())
