@@ -179,10 +179,11 @@ def store_costs(folder: str, redis_url: str, count: int, rounds: int) -> dict[st
     for i in range(rounds):
         for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
             step, per = steps[name]
+            times = max(count // per, 1)
             started = time.process_time()
-            for _ in range(count // per):
+            for _ in range(times):
                 step()
-            out[name].append((time.process_time() - started) / (count // per * per) * 1e6)
+            out[name].append((time.process_time() - started) / (times * per) * 1e6)
     return out
 
 
