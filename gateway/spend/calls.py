@@ -10,6 +10,7 @@ against the client's ``allowedModels``, and every name must be a plain one
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -63,11 +64,12 @@ class LLMCall:
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
+    # The dict itself tells: a key written twice leaves it shorter than the pairs.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
         # Two "model" keys: the gateway and the upstream could read different ones.
         raise ValueError("a key written twice")
-    return dict(pairs)
+    return obj
 
 
 def _model_name(value: Any) -> str:
@@ -96,26 +98,52 @@ def _bad_count(reason: str) -> PolicyError:
     return PolicyError("invalid_choice_count", reason)
 
 
-def _values(body: dict[str, Any], path: Field, refuse: Refusal | None) -> list[Any]:
+def _values(
+    body: dict[str, Any], path: Field, refuse: Refusal | None, folds: _Folds | None = None
+) -> list[Any]:
     """Return every value at ``path`` in ``body``, in any accepted spelling.
 
     With ``refuse`` (a rule applies), a key that folds to an accepted spelling
     without being one is refused, since some upstream would read it as the field.
+    ``folds`` keeps each object's keys folded once for all the fields read from it.
     """
     found: list[Any] = [body]
     for spellings in path:
-        folded = {fold(name) for name in spellings}
         inner = []
         for holder in found:
             if not isinstance(holder, dict):
                 continue
             if refuse is not None:
-                for key in holder:
-                    if key not in spellings and fold(key) in folded:
-                        raise refuse(f"writes {key!r}; spell it {spellings[0]!r}")
+                _refuse_respelled(holder, spellings, refuse, folds if folds is not None else {})
             inner += [holder[name] for name in spellings if name in holder]
         found = inner
     return found
+
+
+# Each object's keys by their folded form, in order: {id(object): {folded: [keys]}}.
+# Valid while the objects live, i.e. within one read_call.
+_Folds = dict[int, dict[str, list[str]]]
+
+
+@functools.cache
+def _folded(spellings: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(fold(name) for name in spellings)
+
+
+def _refuse_respelled(
+    holder: dict[str, Any], spellings: tuple[str, ...], refuse: Refusal, folds: _Folds
+) -> None:
+    """Refuse the first key of ``holder`` that folds to ``spellings`` without being one."""
+    by_fold = folds.get(id(holder))
+    if by_fold is None:
+        by_fold = folds[id(holder)] = {}
+        for key in holder:
+            by_fold.setdefault(fold(key), []).append(key)
+    hits = _folded(spellings) & by_fold.keys()
+    if hits and any(key not in spellings for hit in hits for key in by_fold[hit]):
+        for key in holder:  # the first such key in the body's order, as the message names it
+            if key not in spellings and fold(key) in hits:
+                raise refuse(f"writes {key!r}; spell it {spellings[0]!r}")
 
 
 def _whole(values: list[Any], refuse: Refusal, reason: str, top: int | None = None) -> int | None:
@@ -162,7 +190,8 @@ def read_call(
     if strict and parsed is not None and not isinstance(parsed, dict):
         raise PolicyError("invalid_json", "is not a JSON object")
     fields = parsed if isinstance(parsed, dict) else None
-    named = _Named.read(fields, query, unquote(path), strict)
+    folds: _Folds = {}
+    named = _Named.read(fields, query, unquote(path), strict, folds)
     if models:
         for model in named.every():
             if not any(p.matches(model) for p in models):
@@ -175,13 +204,13 @@ def read_call(
     ceiling = count = None
     if fields is not None:
         ceiling = _whole(
-            _all(fields, EVERY.ceilings, _bad_ceiling if strict else None),
+            _all(fields, EVERY.ceilings, _bad_ceiling if strict else None, folds),
             _bad_ceiling,
             "sets its output ceiling (max_tokens) to something not a whole number",
         )
         if strict:
             count = _whole(
-                _all(fields, EVERY.counts, _bad_count),
+                _all(fields, EVERY.counts, _bad_count, folds),
                 _bad_count,
                 f"must ask for 1 to {MAX_COUNT} answers (n, best_of, candidateCount)",
                 MAX_COUNT,
@@ -196,8 +225,10 @@ def read_call(
     return LLMCall(model, ceiling, parsed, count or 1, added, tuple(named.every()))
 
 
-def _all(body: dict[str, Any], spots: tuple[Field, ...], refuse: Refusal | None) -> list[Any]:
-    return [value for spot in spots for value in _values(body, spot, refuse)]
+def _all(
+    body: dict[str, Any], spots: tuple[Field, ...], refuse: Refusal | None, folds: _Folds
+) -> list[Any]:
+    return [value for spot in spots for value in _values(body, spot, refuse, folds)]
 
 
 @dataclass(frozen=True)
@@ -211,15 +242,22 @@ class _Named:
 
     @classmethod
     def read(
-        cls, body: dict[str, Any] | None, query: Iterable[tuple[str, str]], path: str, strict: bool
+        cls,
+        body: dict[str, Any] | None,
+        query: Iterable[tuple[str, str]],
+        path: str,
+        strict: bool,
+        folds: _Folds,
     ) -> _Named:
         """Read and bound every name; with ``strict``, refuse a respelled model key."""
         refuse = _no_model if strict else None
         in_path = [_model_name(m["model"]) for p in EVERY.path_models if (m := p.search(path))]
         in_body, in_lists = [], []
         if body is not None:
-            in_body = [_model_name(v) for v in _all(body, EVERY.models, refuse) if v is not None]
-            for value in _all(body, EVERY.model_lists, refuse):
+            in_body = [
+                _model_name(v) for v in _all(body, EVERY.models, refuse, folds) if v is not None
+            ]
+            for value in _all(body, EVERY.model_lists, refuse, folds):
                 if not isinstance(value, list):
                     raise PolicyError("invalid_model", "must send models as a list of names")
                 in_lists += [_model_name(item) for item in value]

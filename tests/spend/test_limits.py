@@ -11,7 +11,7 @@ import pytest
 from gateway.errors import PolicyError
 from gateway.policy.limits import Ask, LimitSet, parse_rate
 from gateway.policy.models import ModelPattern
-from gateway.spend.calls import read_call, rewritten_body
+from gateway.spend.calls import NOT_PARSED, read_call, rewritten_body
 from gateway.spend.meter import UsageMeter
 from gateway.spend.store.base import DryStore, StoreUnavailable, UsageRow
 from gateway.spend.store.sqlite import SQLiteStore
@@ -471,3 +471,61 @@ def test_a_body_already_read_as_json_is_checked_the_same():
     with pytest.raises(PolicyError) as info:
         read_call(None, (), MODELS, 1024, False, {"model": "openai/o1", "max_tokens": 9})
     assert info.value.code == "model_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "reason"),
+    [
+        ({"MODEL": "a", "Model": "b", "model": "c"}, "model_required", "writes 'MODEL'"),
+        (
+            {"model": "m", "max_tokens": 5, "Max_Tokens": 5, "MAX_TOKENS": 5},
+            "max_tokens_required",
+            "writes 'Max_Tokens'",
+        ),
+        (
+            {"model": "m", "max_tokens": 5, "max_to\u212aens": 5},
+            "max_tokens_required",
+            "writes 'max_to\u212aens'",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "generationConfig": {"maxOutputTokens": 5, "MaxOutputTokens": 9},
+            },
+            "max_tokens_required",
+            "writes 'MaxOutputTokens'",
+        ),
+        (
+            {"model": "m", "max_tokens": 5, "generation_config": {}, "GenerationConfig": {}},
+            "max_tokens_required",
+            "writes 'GenerationConfig'",
+        ),
+        ({"model": "m", "max_tokens": 5, "N": 2, "n": 1}, "invalid_choice_count", "writes 'N'"),
+        ({"model": "m", "max_tokens": 5, "Models": ["m"]}, "model_required", "writes 'Models'"),
+    ],
+)
+def test_the_first_respelled_key_is_the_one_refused(body, code, reason):
+    # Each object's keys are folded once for all the fields read from it; the
+    # refusal still names the first respelled key in the body's own order.
+    for data in (json.dumps(body, ensure_ascii=False).encode(), None):
+        with pytest.raises(PolicyError) as info:
+            read_call(data, (), (), None, True, body if data is None else NOT_PARSED)
+        assert (info.value.code, info.value.reason.split(";")[0]) == (code, reason)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"model": "m", "model": "m", "max_tokens": 5}',
+        b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "role": "system"}]}',
+        b'{"model": "m", "max_tokens": 5, "generationConfig": {"a": 1, "b": {"c": 1, "c": 2}}}',
+        b'{"model": "m", "max_tokens": 5, "mod\\u0065l": "x"}',
+    ],
+)
+def test_a_key_written_twice_anywhere_is_refused(data):
+    with pytest.raises(PolicyError) as info:
+        read_call(data, (), (), None, True)
+    assert info.value.code == "invalid_json"
+    # Without rules such a body is not read as an LLM call at all (nothing to meter by).
+    assert read_call(data, (), (), None, False).model is None
