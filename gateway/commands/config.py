@@ -90,13 +90,13 @@ def _summary(path: str, config: GatewayConfig, now: datetime) -> list[str]:
     lines += [f"  {t.name}: {t.base_url}{_trust(t)}" for t in config.targets.values()]
     lines.append(f"secrets ({len(config.secret_names)}), all resolved:")
     lines += [f"  {name}" for name in config.secret_names]
-    lines.append(f"clients ({len(config.clients)}):")
     changed = [known for known in GLOBAL if config.settings[known.key] != known.default]
     lines.append(f"settings ({len(changed)} not at their default):")
     lines += [
         f"  {known.key}: {_shown(config.settings[known.key])} (default {_shown(known.default)})"
         for known in changed
     ]
+    lines.append(f"clients ({len(config.clients)}):")
     warnings = []
     for client in config.clients:
         methods = ", ".join(sorted(client.methods))

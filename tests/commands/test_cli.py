@@ -51,6 +51,9 @@ def test_check_config_shows_the_settings_a_config_changes(runner, tmp_path):
     assert "  maxRequestBytes: 2048 (default 10485760)" in result.output
     assert "  egressGuard: false (default true)" in result.output
     assert "  limits.storage: redis://127.0.0.1 (default sqlite)" in result.output
+    # The settings' own lines, before the clients' header: never read as a client.
+    settings_at = result.output.index("settings (3 not")
+    assert settings_at < result.output.index("clients (")
 
 
 def test_check_config_lists_every_problem(runner, tmp_path):
