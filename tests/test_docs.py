@@ -133,6 +133,8 @@ _METRICS = {
     "gateway_tokens_total",
     "gateway_refusals_total",
     "gateway_config_reloads_total",
+    "gateway_budget_used",
+    "gateway_budget_limit",
 }
 
 
