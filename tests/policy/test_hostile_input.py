@@ -12,6 +12,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.errors import CODES, read_error
 from gateway.policy.access import PathPattern
 
 from ..support import AUTH, CANARIES, CHAT_KEY, base_config
@@ -132,8 +133,13 @@ def check_answer(status: int, headers, body: bytes) -> None:
     if headers.get("X-Fake-Upstream") is None:  # the gateway's own answer
         assert status in (400, 401, 403, 404, 405, 408, 413, 414, 431, 501), (status, body[:300])
         payload = json.loads(body)
-        assert set(payload) - {"fields"} == {"error", "message", "request_id"}
+        # One of the three shapes (flat, or OpenAI's or Anthropic's for a transparent
+        # call to their APIs): a known code, a message, the request id.
+        code, message = read_error(payload)
+        assert code in CODES and message, payload
         assert payload["request_id"] == headers["X-Gateway-Request-Id"]
+        if not isinstance(payload["error"], dict):
+            assert set(payload) - {"fields"} == {"error", "message", "request_id"}
 
 
 @pytest.fixture
