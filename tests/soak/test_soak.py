@@ -1,4 +1,4 @@
-"""Soak: minutes of mixed load at about half capacity; memory and descriptors stay flat.
+"""Soak: minutes of mixed load at about a third of capacity; memory and descriptors stay flat.
 
 SOAK_SECONDS sets the length (default 300, what CI runs).
 """
@@ -39,8 +39,8 @@ def stream(gateway) -> None:
     response = session().get(
         gateway.url + "/proxy/files/sse?events=10&interval=0.05", headers=AUTH, timeout=20
     )
-    assert response.status_code == 200
-    assert response.text.count("\n\n") == 11
+    assert response.status_code == 200, response.text[:300]
+    assert response.text.count("\n\n") == 11, response.text[-300:]
 
 
 def fault(gateway) -> None:
@@ -103,7 +103,10 @@ def settle() -> None:
 
 def test_minutes_of_mixed_load_leak_no_memory_or_descriptors(live_gateway, fake_upstream):
     port = fake_upstream.server_address[1]
-    rate = capacity(live_gateway) / 2
+    # A third of what 16 callers reach in 5 s: the soak looks for leaks over minutes,
+    # and headroom keeps the live config's 2 s read and 3 s write timeouts from firing
+    # when the machine's own load shifts after the measurement.
+    rate = capacity(live_gateway) / 3
     assert not run_load(live_gateway, rate, min(20.0, SECONDS / 5))  # warm-up: pools, caches
     settle()
     rss_before, (fds_before, pooled_before) = live_gateway.rss(), descriptors(live_gateway, port)
