@@ -318,8 +318,13 @@ def test_usage_by_user(sqlite_pair, tmp_path):
     assert _chat(gateway, token).status_code == 200
     app = create_app({"GATEWAY_CONFIG": gateway.env["GATEWAY_CONFIG"], "GATEWAY_ENVIRON": ENV})
     runner = app.test_cli_runner()
-    result = runner.invoke(args=["usage", "--by", "user", "--client", "web-chat"])
-    assert result.exit_code == 0, result.output
+    deadline = time.monotonic() + 6  # each worker writes its usage rows within a second
+    while True:
+        result = runner.invoke(args=["usage", "--by", "user", "--client", "web-chat"])
+        assert result.exit_code == 0, result.output
+        if "usage-user" in result.output or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert "usage-user" in result.output and "user-a" not in result.output
     assert (
         "usage-user"

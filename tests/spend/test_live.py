@@ -202,17 +202,27 @@ def test_a_parallel_burst_never_overspends_a_token_budget(sqlite_pair):
     assert admitted * 110 <= 1000
 
 
-def _usage(gateway, *args: str) -> list[dict]:
-    result = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "gateway", "usage", *args, "--csv"],
-        cwd=ROOT,
-        env={**gateway.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return list(csv.DictReader(io.StringIO(result.stdout)))
+def _usage(gateway, *args: str, models: tuple[str, ...] = ()) -> list[dict]:
+    """Return ``flask usage --csv``'s rows, once every one of ``models`` has one (or 6 s).
+
+    Each worker writes its usage rows in batches, within a second of the call.
+    """
+    deadline = time.monotonic() + 6
+    while True:
+        result = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "gateway", "usage", *args, "--csv"],
+            cwd=ROOT,
+            env={**gateway.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        rows = list(csv.DictReader(io.StringIO(result.stdout)))
+        named = {row.get("model") for row in rows}
+        if all(model in named for model in models) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.3)
 
 
 def test_usage_is_counted_from_openai_and_anthropic_streams(sqlite_pair, fake_upstream):
@@ -229,7 +239,12 @@ def test_usage_is_counted_from_openai_and_anthropic_streams(sqlite_pair, fake_up
         timeout=20,
     )
     assert answer.status_code == 200
-    rows = {row["model"]: row for row in _usage(gateway, "--by", "model")}
+    rows = {
+        row["model"]: row
+        for row in _usage(
+            gateway, "--by", "model", models=("gpt-usage-stream", "claude-usage-stream")
+        )
+    }
     assert rows["gpt-usage-stream"]["input_tokens"] == "10"
     assert rows["gpt-usage-stream"]["output_tokens"] == "7"
     assert rows["claude-usage-stream"]["input_tokens"] == "3"

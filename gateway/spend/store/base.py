@@ -8,11 +8,13 @@ workers, processes or hosts. No rule here knows which store it talks to.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +38,15 @@ log = logging.getLogger(__name__)
 # slot held by a worker that was killed frees itself within the worker timeout
 # (gunicorn.conf.py reads the same variable).
 LEASE_SECONDS = float(os.environ.get("GATEWAY_WORKER_TIMEOUT", default("GATEWAY_WORKER_TIMEOUT")))
+
+# Usage rows are written in batches off the request path: every FLUSH_SECONDS, as
+# soon as FLUSH_ROWS wait, and when the process exits. A process killed outright
+# (SIGKILL, a crash) loses at most its last second of usage rows; never a limit's
+# count, which admission and settling write at once.
+FLUSH_SECONDS = 1.0
+FLUSH_ROWS = 100
+# Rows kept while the store cannot be reached, before the oldest are dropped.
+MAX_WAITING_ROWS = 100_000
 
 
 class StoreUnavailable(Exception):
@@ -151,11 +162,90 @@ class _Leases:
                     log.warning("could not renew %d concurrency slots", len(held))
 
 
+class _Background:
+    """This process's usage rows, written in batches by a thread of its own.
+
+    The thread also runs the store's housekeeping (``tick``) once a second. One
+    thread per store and process, started on first use (after fork); it ends
+    when the store is dropped.
+    """
+
+    def __init__(self, write: Callable[[list[UsageRow], bool], None], tick: Callable[[], None]):
+        self._write = write
+        self._tick = tick
+        self._pid: int | None = None
+        self._rows: list[UsageRow] = []
+
+    def start(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._rows = []  # a parent's rows are the parent's to write
+            self._lock = threading.Lock()
+            self._wake = threading.Event()
+            _LIVE.add(self)
+            thread = threading.Thread(
+                target=_background, args=(weakref.ref(self), self._wake), daemon=True
+            )
+            thread.name = "gateway-usage"
+            thread.start()
+
+    def add(self, row: UsageRow) -> None:
+        self.start()
+        with self._lock:
+            self._rows.append(row)
+            full = len(self._rows) >= FLUSH_ROWS
+        if full:
+            self._wake.set()
+
+    def flush(self, exiting: bool = False) -> None:
+        """Write every row waiting; keep them for the next try if the store cannot take them."""
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if not rows:
+            return
+        try:
+            self._write(rows, exiting)
+        except StoreUnavailable as exc:
+            with self._lock:
+                self._rows[:0] = rows
+                lost = max(0, len(self._rows) - MAX_WAITING_ROWS)
+                del self._rows[:lost]
+            log.warning("could not write %d usage rows (%s); %d dropped", len(rows), exc, lost)
+
+    def tick(self) -> None:
+        try:
+            self.flush()
+            self._tick()
+        except StoreUnavailable as exc:
+            log.warning("limit store housekeeping failed (%s)", exc)
+
+
+# Every store's rows are written when the process exits normally (a gunicorn
+# worker's graceful exit included).
+_LIVE: weakref.WeakSet[_Background] = weakref.WeakSet()
+atexit.register(lambda: [background.flush(exiting=True) for background in list(_LIVE)])
+
+
+def _background(ref: weakref.ref[_Background], wake: threading.Event) -> None:
+    # Holds the store only while it works, so a dropped store's thread ends.
+    while True:
+        wake.wait(FLUSH_SECONDS)
+        wake.clear()
+        background = ref()
+        if background is None or background._pid != os.getpid():
+            return
+        background.tick()
+        del background
+
+
 class Store:
     """The interface both stores implement."""
 
     def __init__(self) -> None:
         self.leases = _Leases(self._renew)
+        self.background = _Background(self._write_usage, self._tick)
 
     def admit(self, ask: Ask, now: float | None = None) -> Verdict:
         """Check and count ``ask`` atomically; the Verdict carries a ticket if admitted."""
@@ -186,24 +276,34 @@ class Store:
         """Free the ticket's slots; replace its reservations by ``tokens`` and ``cost``.
 
         None for either means unknown: that reservation stays spent whole.
-        ``usage``, if given, is recorded in the same step.
+        ``usage``, if given, is recorded (in the next batch).
         """
         if ticket.done:
             return
         ticket.done = True
         self.leases.drop(ticket)
+        if usage is not None:
+            self.record(usage)
         if ticket.slots or ticket.reservations:
             actual = {"tokens": tokens, "cost": cost}
             settled = [
                 (key, reserved, reserved if actual[kind] is None else actual[kind])
                 for key, kind, reserved in ticket.reservations
             ]
-            self._finish(ticket, settled, usage)
-        elif usage is not None:
-            self.record(usage)
+            self._finish(ticket, settled)
 
     def record(self, row: UsageRow) -> None:
-        raise NotImplementedError
+        """Record one call's usage: written with this process's next batch."""
+        self.background.add(row)
+
+    def flush(self) -> None:
+        """Write this process's waiting usage rows now."""
+        self.background.flush()
+
+    def usage(self, since: float) -> list[UsageRow]:
+        """Return the usage rows from ``since`` on (this process's waiting rows included)."""
+        self.flush()
+        return self._read_usage(since)
 
     def counts(self, limits: list[Budget]) -> list[int]:
         """Return what each counter holds now: calls, or amount spent plus reserved."""
@@ -213,8 +313,15 @@ class Store:
         """Clear what each counter has spent; calls in flight keep their reservations."""
         raise NotImplementedError
 
-    def usage(self, since: float) -> list[UsageRow]:
+    def _read_usage(self, since: float) -> list[UsageRow]:
         raise NotImplementedError
+
+    def _write_usage(self, rows: list[UsageRow], exiting: bool) -> None:
+        """Write ``rows`` in one step; ``exiting``: the process is ending, wait in place."""
+        raise NotImplementedError
+
+    def _tick(self) -> None:
+        """Housekeeping, once a second in each process that uses the store."""
 
     def _admit(self, plan: Plan, ticket: str, now: float) -> Verdict:
         raise NotImplementedError
@@ -222,9 +329,7 @@ class Store:
     def _check(self, plan: Plan, now: float) -> Verdict:
         raise NotImplementedError
 
-    def _finish(
-        self, ticket: Ticket, settled: list[tuple[str, int, int]], usage: UsageRow | None
-    ) -> None:
+    def _finish(self, ticket: Ticket, settled: list[tuple[str, int, int]]) -> None:
         """Free the slots; for each (key, reserved, spent), take back reserved, add spent."""
         raise NotImplementedError
 

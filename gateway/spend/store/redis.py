@@ -173,11 +173,7 @@ class RedisStore(Store):
         used, held = (_list(answer.get(name)) for name in ("used", "held"))
         return plan_verdict(plan, now, used, held, answer.get("failed"), answer.get("index", 0))
 
-    def _finish(
-        self, ticket: Ticket, settled: list[tuple[str, int, int]], usage: UsageRow | None
-    ) -> None:
-        if usage is not None:
-            self.record(usage)
+    def _finish(self, ticket: Ticket, settled: list[tuple[str, int, int]]) -> None:
         self._call(
             "finish",
             ticket.slots + [key for key, _, _ in settled],
@@ -222,24 +218,30 @@ class RedisStore(Store):
     def reset(self, limits: list[Budget]) -> None:
         self._call("reset", [limit.key for limit in limits], {})
 
-    def record(self, row: UsageRow) -> None:
+    def _write_usage(self, rows: list[UsageRow], exiting: bool) -> None:
+        """Add ``rows`` to the usage stream in one round trip."""
         import redis
 
         try:
-            self._redis()["client"].xadd(
-                "gateway:usage",
-                {"row": json.dumps(row.__dict__)},
-                maxlen=1_000_000,
-                approximate=True,
-            )
+            with self._redis()["client"].pipeline(transaction=False) as pipe:
+                for row in rows:
+                    pipe.xadd(
+                        "gateway:usage",
+                        {"row": json.dumps(row.__dict__)},
+                        maxlen=1_000_000,
+                        approximate=True,
+                    )
+                pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis: {type(exc).__name__}") from None
 
-    def usage(self, since: float) -> list[UsageRow]:
+    def _read_usage(self, since: float) -> list[UsageRow]:
         import redis
 
         try:
             entries = self._redis()["client"].xrange("gateway:usage", min=int(since * 1000))
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis: {type(exc).__name__}") from None
-        return [UsageRow(**json.loads(fields[b"row"])) for _, fields in entries]
+        # An entry is added after its call (in the next batch): its id can be later than its time.
+        rows = [UsageRow(**json.loads(fields[b"row"])) for _, fields in entries]
+        return [row for row in rows if row.time >= since]

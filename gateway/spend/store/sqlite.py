@@ -36,37 +36,39 @@ CREATE INDEX IF NOT EXISTS usage_time ON usage (time);
 class SQLiteStore(Store):
     """Counters in one SQLite file, shared by every worker and process that opens it.
 
-    Under gevent, each call runs in a thread of its own (one per worker), so a
-    worker waiting for the file lock goes on serving its other requests.
+    Under gevent a transaction first tries the file's lock in place, waiting for
+    nothing; only when another connection holds it does the work go to a thread
+    of its own (one per worker), so a worker waiting for the lock goes on serving
+    its other requests. Usage rows, checkpoints and old windows are written by
+    the background thread, off the request path.
     """
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        self._local: tuple[int, sqlite3.Connection, Any] | None = None
+        self._local: tuple[int, sqlite3.Connection, Any, sqlite3.Connection | None] | None = None
         self._lock = threading.Lock()
-        self._calls = 0
+        self._ticks = 0
+        self._written = self._checkpointed = 0  # transactions, as of the last checkpoint
 
-    def _connection(self) -> tuple[sqlite3.Connection, Any]:
+    def _connection(self) -> tuple[sqlite3.Connection, Any, sqlite3.Connection | None]:
+        """Return this process's connection, its thread (gevent) and its in-place connection."""
         if self._local is None or self._local[0] != os.getpid():
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(
-                self.path, timeout=10, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
-            if "user" not in columns:  # a file from before sessions
-                db.execute("ALTER TABLE usage ADD COLUMN user TEXT")
-            if "cost" not in columns:  # a file from before prices
-                db.execute("ALTER TABLE usage ADD COLUMN cost INTEGER")
-            self._local = (os.getpid(), db, _worker_thread())
-        return self._local[1], self._local[2]
+            db = _prepared(self.path)
+            pool = _worker_thread()
+            quick = None
+            if pool is not None:
+                # Never waits for the lock (it would stop every greenlet of the
+                # worker), and never checkpoints (the background thread does).
+                quick = _open(self.path, timeout=0)
+                quick.execute("PRAGMA wal_autocheckpoint=0")
+            self._local = (os.getpid(), db, pool, quick)
+        return self._local[1:]
 
     def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``work`` on the connection: in its thread under gevent, else holding the lock."""
         try:
-            db, pool = self._connection()
+            db, pool, _ = self._connection()
             if pool is not None:
                 return pool.apply(work, (db,))
             with self._lock:
@@ -76,24 +78,37 @@ class SQLiteStore(Store):
 
     def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``work`` holding the file's write lock: every process waits its turn."""
+        self.background.start()
+        self._written += 1
+        try:
+            _, _, quick = self._connection()
+            if quick is not None:
+                # No greenlet runs while this does (no I/O in it): the transaction
+                # is whole in place, or rolled back and done again in the thread.
+                return _locked(quick, work)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise StoreUnavailable(f"SQLite: {type(exc).__name__}") from None
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite: {type(exc).__name__}") from None
+        return self._run(lambda db: _locked(db, work))
 
-        def locked(db: sqlite3.Connection) -> Any:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
+    def _tick(self) -> None:
+        """Checkpoint the WAL in the thread; once a minute, forget windows that ended a day ago."""
+        if self._written == self._checkpointed:
+            return  # nothing new since the last one
+        self._checkpointed = self._written
+        self._ticks += 1
+        forget = self._ticks % 60 == 1
 
-        return self._run(locked)
+        def work(db: sqlite3.Connection) -> None:
+            if forget:
+                db.execute("DELETE FROM counters WHERE ends < ?", (time.time() - 86400,))
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+        self._run(work)
 
     def _admit(self, plan: Plan, ticket: str, now: float) -> Verdict:
-        self._calls += 1
-        if self._calls % 1000 == 0:  # forget windows that ended a day ago
-            self._run(lambda db: db.execute("DELETE FROM counters WHERE ends < ?", (now - 86400,)))
         return self._transaction(lambda db: self._admit_locked(db, plan, ticket, now))
 
     def _check(self, plan: Plan, now: float) -> Verdict:
@@ -120,12 +135,8 @@ class SQLiteStore(Store):
             )
         return verdict
 
-    def _finish(
-        self, ticket: Ticket, settled: list[tuple[str, int, int]], usage: UsageRow | None
-    ) -> None:
+    def _finish(self, ticket: Ticket, settled: list[tuple[str, int, int]]) -> None:
         def work(db: sqlite3.Connection) -> None:
-            if usage is not None:
-                _insert_usage(db, usage)
             for key in ticket.slots:
                 db.execute("DELETE FROM slots WHERE key = ? AND ticket = ?", (key, ticket.id))
             for key, reserved, spent in settled:
@@ -146,10 +157,25 @@ class SQLiteStore(Store):
             )
         )
 
-    def record(self, row: UsageRow) -> None:
-        self._run(lambda db: _insert_usage(db, row))
+    def _write_usage(self, rows: list[UsageRow], exiting: bool) -> None:
+        values = [astuple(row) for row in rows]
 
-    def usage(self, since: float) -> list[UsageRow]:
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+        if not exiting:
+            self._run(lambda db: _locked(db, work))
+            return
+        try:  # the process is ending: wait in place, on a connection of its own
+            db = _prepared(self.path)
+            try:
+                _locked(db, work)
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite: {type(exc).__name__}") from None
+
+    def _read_usage(self, since: float) -> list[UsageRow]:
         rows = self._run(
             lambda db: db.execute(
                 "SELECT time, client, model, input_tokens, output_tokens, status, user, cost "
@@ -199,8 +225,41 @@ def _counter(db: sqlite3.Connection, key: str) -> tuple[int, int]:
     return row or (0, 0)
 
 
-def _insert_usage(db: sqlite3.Connection, row: UsageRow) -> None:
-    db.execute("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(row))
+def _open(path: str, timeout: float) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # Safe against a crashed process (the WAL survives it); a power cut may lose
+    # the last commits.
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+def _prepared(path: str) -> sqlite3.Connection:
+    """Open ``path`` (made if missing) with every table in place."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = _open(path, timeout=10)
+    db.executescript(_SCHEMA)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+    if "user" not in columns:  # a file from before sessions
+        db.execute("ALTER TABLE usage ADD COLUMN user TEXT")
+    if "cost" not in columns:  # a file from before prices
+        db.execute("ALTER TABLE usage ADD COLUMN cost INTEGER")
+    return db
+
+
+def _locked(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], Any]) -> Any:
+    """Run ``work`` in one ``BEGIN IMMEDIATE`` transaction: committed whole, or rolled back."""
+    if db.in_transaction:  # never build on a transaction something left open
+        db.execute("ROLLBACK")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return result
 
 
 def _worker_thread():
