@@ -436,3 +436,19 @@ def test_many_concurrent_limited_calls_all_succeed_under_every_limit(sqlite_pair
     with ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(call, range(400)))
     assert statuses == [200] * 400
+
+
+def test_usage_rows_waiting_in_a_worker_are_written_when_it_stops(fake_upstream, tmp_path):
+    # Rows are written in batches; a graceful stop (SIGTERM) must not lose the last ones.
+    config = write_config(
+        tmp_path / "config.yaml", _config(fake_upstream.url, f"sqlite:///{tmp_path}/l.sqlite3")
+    )
+    gateway = LiveGateway(config, CANARIES, tmp_path / "gunicorn.log", workers=1).start()
+    try:
+        for i in range(5):
+            body = {**CHAT, "model": f"gpt-stop-{i}", "max_tokens": 5}
+            assert _chat(gateway, "usage", body).status_code == 200
+    finally:
+        gateway.stop()
+    rows = _usage(gateway, "--by", "model")
+    assert sorted(row["model"] for row in rows) == [f"gpt-stop-{i}" for i in range(5)]
