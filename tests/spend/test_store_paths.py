@@ -289,3 +289,69 @@ def test_bursts_from_gevent_workers_on_one_file_stay_exact(tmp_path):
     assert counters["req"] == admitted  # every admission counted once
     assert counters["tok"] <= 25000 and reserved == 0  # every call settled
     assert db.execute("SELECT COUNT(*) FROM slots").fetchone()[0] == 0
+
+
+# --- Redis: admit and settle on the store's own connections ----------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing in CI (.ci/run installs it)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def _spent(store, ask) -> dict[str, int]:
+    verdict = store.check(ask)
+    return {quota.kind: quota.remaining for quota in verdict.quotas}
+
+
+LIMITED = _ask(requests=["100/day"], concurrent=1, tokens=["10000/day"], reservation=100)
+
+
+@pytest.mark.parametrize("idle", [0, 1.2])  # reused at once; reused after a second idle
+def test_a_restarted_redis_is_found_again_without_a_refused_call(own_redis, idle):
+    store = open_store(f"redis://127.0.0.1:{own_redis.port}/0", "")
+    verdict = store.admit(LIMITED)
+    store.finish(verdict.ticket, 10)
+    own_redis.stop()  # every connection the store holds is now closed, its scripts gone
+    own_redis.start()
+    time.sleep(idle)
+    verdict = store.admit(LIMITED)  # no StoreUnavailable: a new connection, the script loaded
+    assert verdict.admitted
+    store.finish(verdict.ticket, 10)
+    assert _spent(store, LIMITED) == {"requests": 100 - 1 - 1, "tokens": 10000 - 10 - 100}
+
+
+def test_a_connection_closed_by_the_server_is_replaced(own_redis):
+    import redis
+
+    store = open_store(f"redis://127.0.0.1:{own_redis.port}/0", "")
+    store.finish(store.admit(LIMITED).ticket, 10)
+    redis.Redis(port=own_redis.port).client_kill_filter(_type="normal", skipme=True)
+    store.finish(store.admit(LIMITED).ticket, 10)
+    assert _spent(store, LIMITED)["tokens"] == 10000 - 2 * 10 - 100
+
+
+def test_a_settling_sent_twice_is_counted_once(own_redis):
+    store = open_store(f"redis://127.0.0.1:{own_redis.port}/0", "")
+    verdict = store.admit(LIMITED)
+    settled = [(key, reserved, 30) for key, _, reserved in verdict.ticket.reservations]
+    store._finish(verdict.ticket, settled)
+    store._finish(verdict.ticket, settled)  # as if its reply was lost and it was sent again
+    assert _spent(store, LIMITED)["tokens"] == 10000 - 30 - 100
+    assert store.admit(LIMITED).admitted  # its slot is free, once
+
+
+def test_a_stopped_redis_is_unavailable_not_an_error(own_redis):
+    from gateway.spend.store.base import StoreUnavailable
+
+    store = open_store(f"redis://127.0.0.1:{own_redis.port}/0", "")
+    store.finish(store.admit(LIMITED).ticket, 10)
+    own_redis.stop()
+    with pytest.raises(StoreUnavailable):
+        store.admit(LIMITED)
