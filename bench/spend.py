@@ -27,6 +27,7 @@ the medians of the per-run ratios, and keeps the raw figures in ``raw.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -144,8 +145,8 @@ def store_costs(folder: str, redis_url: str, count: int, rounds: int) -> dict[st
     redis = RedisStore(redis_url)
     client = redis._redis()["client"]
     pool = ThreadPool(1)
-    insert = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?)"
-    values = (row.time, row.client, row.model, 10, 20, 200, None)
+    values = dataclasses.astuple(row)  # one value per column of the usage table
+    insert = f"INSERT INTO usage VALUES ({', '.join('?' * len(values))})"
 
     def limited(store) -> None:
         verdict = store.admit(ask)
