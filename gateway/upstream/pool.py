@@ -13,9 +13,13 @@ from __future__ import annotations
 import functools
 import http.client
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from requests import PreparedRequest, Response
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests.utils import get_encoding_from_headers
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ProtocolError
@@ -183,7 +187,11 @@ class _TLSPool(_BoundedPool, HTTPSConnectionPool):
 
 
 class PoolAdapter(HTTPAdapter):
-    """requests' adapter on the bounded pools; it never retries by itself."""
+    """requests' adapter on the bounded pools; it never retries by itself.
+
+    The gateway sends through no proxy and keeps no cookie, so the two steps of
+    requests' own that only serve those are left out of every call.
+    """
 
     def __init__(self, pool_size: int, idle_bound: float) -> None:
         self._idle_bound = idle_bound  # read by init_poolmanager, which __init__ calls
@@ -196,3 +204,22 @@ class PoolAdapter(HTTPAdapter):
             "http": functools.partial(_Pool, idle_bound=self._idle_bound),
             "https": functools.partial(_TLSPool, idle_bound=self._idle_bound),
         }
+
+    def request_url(self, request: PreparedRequest, proxies: Mapping[str, str] | None) -> str:
+        """Return the request target: the URL's path and query (the full URL only for a proxy)."""
+        if proxies:
+            return super().request_url(request, proxies)
+        return request.path_url
+
+    def build_response(self, req: PreparedRequest, resp: Any) -> Response:
+        """Build requests' Response as requests does, but read no cookie into its jar."""
+        response = Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.encoding = get_encoding_from_headers(response.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
