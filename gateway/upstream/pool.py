@@ -18,6 +18,7 @@ from typing import Any
 
 from requests import PreparedRequest, Response
 from requests.adapters import HTTPAdapter
+from requests.exceptions import InvalidURL
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
@@ -204,6 +205,22 @@ class PoolAdapter(HTTPAdapter):
             "http": functools.partial(_Pool, idle_bound=self._idle_bound),
             "https": functools.partial(_TLSPool, idle_bound=self._idle_bound),
         }
+
+    def get_connection_with_tls_context(
+        self,
+        request: PreparedRequest,
+        verify: bool | str,
+        proxies: Mapping[str, str] | None = None,
+        cert: str | tuple[str, str] | None = None,
+    ) -> HTTPConnectionPool:
+        """Return the pool for the request's host and TLS settings (requests' own, no proxy)."""
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        try:
+            host, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
+        except ValueError as exc:
+            raise InvalidURL(exc, request=request) from exc
+        return self.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
 
     def request_url(self, request: PreparedRequest, proxies: Mapping[str, str] | None) -> str:
         """Return the request target: the URL's path and query (the full URL only for a proxy)."""

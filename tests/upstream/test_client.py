@@ -75,7 +75,7 @@ def test_upstream_timeouts_and_closed_ports(live_gateway, key, path, status, cod
     assert response.json()["error"] == code
 
 
-def test_the_adapter_builds_the_response_requests_would_less_its_cookie_jar():
+def test_the_adapter_does_what_requests_does_less_its_proxies_and_cookie_jar():
     prepared = requests.Request("POST", "http://up.example/v1/x?a=1", data=b"{}").prepare()
     head = {"Content-Type": "text/plain; charset=latin-1", "Set-Cookie": "s=1; Path=/"}
     adapter = PoolAdapter(1, 1.0)
@@ -90,6 +90,9 @@ def test_the_adapter_builds_the_response_requests_would_less_its_cookie_jar():
     assert ours == built(HTTPAdapter.build_response)
     assert ours["headers"]["set-cookie"] == "s=1; Path=/"  # passed on, only never kept
     assert adapter.request_url(prepared, {}) == HTTPAdapter.request_url(adapter, prepared, {})
+    for verify in (True, False):
+        pool = adapter.get_connection_with_tls_context(prepared, verify, {})
+        assert pool is HTTPAdapter.get_connection_with_tls_context(adapter, prepared, verify, {})
 
 
 @pytest.mark.parametrize(
