@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from werkzeug.exceptions import ClientDisconnected
@@ -87,12 +86,10 @@ def _too_large() -> GatewayError:
     )
 
 
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
+def _deadline(seconds: float) -> contextlib.AbstractContextManager[Any]:
     """Under gevent, cut the whole read at the deadline, however the server loops on recv."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None or not monkey.is_module_patched("socket"):
-        yield
-        return
-    with sys.modules["gevent"].Timeout(seconds, _Late):
-        yield
+        return contextlib.nullcontext()
+    # gevent's Timeout is itself the context: started on entry, cancelled on exit.
+    return sys.modules["gevent"].Timeout(seconds, _Late)

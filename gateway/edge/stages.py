@@ -27,7 +27,7 @@ from ..policy.keys import KeyItem
 from ..policy.sessions import PREFIX as SESSION_PREFIX
 from ..spend.admission import admit
 from ..upstream.client import Call
-from .envelope import EnvelopeSchema, encoded_body, encoded_query
+from .envelope import encoded_body, encoded_query, load_envelope
 from .exchange import Exchange
 from .request_body import read_body
 
@@ -46,8 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_envelope_schema = EnvelopeSchema()
 
 
 def record(ex: Exchange) -> None:
@@ -230,7 +228,7 @@ def envelope(ex: Exchange) -> None:
     if not isinstance(data, dict):
         raise GatewayError("invalid_json", "The envelope must be a JSON object.")
     try:
-        ex.envelope = _envelope_schema.load(data)
+        ex.envelope = load_envelope(data)
     except ValidationError as exc:
         raise _invalid_envelope(exc) from None
     ex.method = ex.envelope["method"]

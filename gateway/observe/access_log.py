@@ -7,6 +7,7 @@ a key, a secret, a query string, a header or a body.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -23,8 +24,13 @@ FORMATS = ("json", "text")
 
 
 def _iso(wall: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall))
-    return f"{seconds}.{int(wall * 1000) % 1000:03d}Z"
+    return f"{_second(int(wall))}.{int(wall * 1000) % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=1)
+def _second(whole: int) -> str:
+    # Formatted once per second, not once per line: the lines of one second share it.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -33,29 +39,32 @@ def _ms(seconds: float | None) -> float | None:
 
 def fields(record: Record) -> dict[str, Any]:
     """Return the access log fields of a finished ``record``."""
-    line: dict[str, Any] = {"time": _iso(record.wall), "request_id": record.request_id}
-    line["remote"] = record.remote
+    line: dict[str, Any] = {
+        "time": _iso(record.wall),
+        "request_id": record.request_id,
+        "remote": record.remote,
+    }
     if record.client is not None:
         line["client"] = record.client
     if record.user is not None:
         line["user"] = record.user
-    line.update(
-        target=record.target,
-        method=record.method,
-        path=record.path,
-        status=record.status,
-        error=record.error,
-        upstream_status=record.upstream_status,
-        upstream_request_id=record.upstream_request_id,
-        duration_ms=_ms(record.duration),
-        ttfb_ms=_ms(record.ttfb),
-        bytes_in=record.bytes_in,
-        bytes_out=record.bytes_out,
-    )
-    for name in ("model", "input_tokens", "output_tokens"):
-        value = getattr(record, name)
-        if value is not None:
-            line[name] = value
+    line["target"] = record.target
+    line["method"] = record.method
+    line["path"] = record.path
+    line["status"] = record.status
+    line["error"] = record.error
+    line["upstream_status"] = record.upstream_status
+    line["upstream_request_id"] = record.upstream_request_id
+    line["duration_ms"] = _ms(record.duration)
+    line["ttfb_ms"] = _ms(record.ttfb)
+    line["bytes_in"] = record.bytes_in
+    line["bytes_out"] = record.bytes_out
+    if record.model is not None:
+        line["model"] = record.model
+    if record.input_tokens is not None:
+        line["input_tokens"] = record.input_tokens
+    if record.output_tokens is not None:
+        line["output_tokens"] = record.output_tokens
     return line
 
 
@@ -107,8 +116,12 @@ def _write(line: str) -> None:
         pass  # stdout gone (a closed pipe): the answer itself must not fail
 
 
+# One encoder for every line: json.dumps builds a new one for each call with separators.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _write_json(record: Record) -> None:
-    _write(json.dumps(fields(record), separators=(",", ":")))
+    _write(_ENCODER.encode(fields(record)))
 
 
 def _write_text(record: Record) -> None:
