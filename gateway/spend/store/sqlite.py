@@ -54,22 +54,24 @@ class SQLiteStore(Store):
         self.path = path
         self._local: tuple[int, sqlite3.Connection, Any, sqlite3.Connection | None] | None = None
         self._lock = threading.Lock()
+        self._opening = threading.Lock()
         self._ticks = 0
         self._written = self._checkpointed = 0  # transactions, as of the last checkpoint
 
     def _connection(self) -> tuple[sqlite3.Connection, Any, sqlite3.Connection | None]:
         """Return this process's connection, its thread (gevent) and its in-place connection."""
         if self._local is None or self._local[0] != os.getpid():
-            db = _prepared(self.path)
-            pool = _worker_thread()
-            quick = None
-            if pool is not None:
-                # Never waits for the lock (it would stop every greenlet of the
-                # worker), and never checkpoints (the background thread does).
-                quick = _open(self.path, timeout=0)
-                quick.execute("PRAGMA wal_autocheckpoint=0")
-            self._local = (os.getpid(), db, pool, quick)
+            with self._opening:  # the first calls of a worker come at once
+                if self._local is None or self._local[0] != os.getpid():
+                    self._local = (os.getpid(), *self._open())
         return self._local[1:]
+
+    def _open(self) -> tuple[sqlite3.Connection, Any, sqlite3.Connection | None]:
+        pool = _worker_thread()
+        if pool is None:
+            return _prepared(self.path), None, None
+        # Opened in the thread: opening may wait for another process's lock.
+        return pool.apply(_prepared, (self.path,)), pool, pool.apply(_in_place, (self.path,))
 
     def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``work`` on the connection: in its thread under gevent, else holding the lock."""
@@ -254,6 +256,15 @@ def _prepared(path: str) -> sqlite3.Connection:
         db.execute("ALTER TABLE usage ADD COLUMN user TEXT")
     if "cost" not in columns:  # a file from before prices
         db.execute("ALTER TABLE usage ADD COLUMN cost INTEGER")
+    return db
+
+
+def _in_place(path: str) -> sqlite3.Connection:
+    """Open the connection for the hub: it never waits for the lock (that would stop every
+    greenlet of the worker), and never checkpoints (the background thread does)."""
+    db = _open(path, timeout=10)
+    db.execute("PRAGMA busy_timeout=0")
+    db.execute("PRAGMA wal_autocheckpoint=0")
     return db
 
 
