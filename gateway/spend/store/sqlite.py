@@ -14,6 +14,7 @@ from typing import Any
 
 from ...policy.limits import Budget, Ticket, Verdict
 from .base import LEASE_SECONDS, Plan, Store, StoreUnavailable, UsageRow, plan_verdict
+from .group import GroupCommit, in_transaction
 
 __all__ = ["SQLiteStore"]
 
@@ -33,45 +34,39 @@ CREATE INDEX IF NOT EXISTS usage_time ON usage (time);
 """
 
 
-# The pauses between tries in place (s): a transaction holds the lock for about
-# 0.1 ms, and SQLite's own wait would sleep 1 ms or more at its first retry.
-_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-_IN_PLACE = (0, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
-
-
 class SQLiteStore(Store):
     """Counters in one SQLite file, shared by every worker and process that opens it.
 
-    Under gevent a transaction first tries the file's lock in place, waiting for
-    nothing; only when another connection holds it does the work go to a thread
-    of its own (one per worker), so a worker waiting for the lock goes on serving
-    its other requests. Usage rows, checkpoints and old windows are written by
-    the background thread, off the request path.
+    Under gevent a worker's transactions are committed in groups, in place
+    (``group``): a worker waiting for the lock goes on serving its other
+    requests. Usage rows, checkpoints and old windows are written by the
+    background thread, off the request path.
     """
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        self._local: tuple[int, sqlite3.Connection, Any, sqlite3.Connection | None] | None = None
+        self._local: tuple[int, sqlite3.Connection, Any, GroupCommit | None] | None = None
         self._lock = threading.Lock()
         self._opening = threading.Lock()
         self._ticks = 0
         self._written = self._checkpointed = 0  # transactions, as of the last checkpoint
 
-    def _connection(self) -> tuple[sqlite3.Connection, Any, sqlite3.Connection | None]:
-        """Return this process's connection, its thread (gevent) and its in-place connection."""
+    def _connection(self) -> tuple[sqlite3.Connection, Any, GroupCommit | None]:
+        """Return this process's connection, its thread and its group commit (gevent)."""
         if self._local is None or self._local[0] != os.getpid():
             with self._opening:  # the first calls of a worker come at once
                 if self._local is None or self._local[0] != os.getpid():
                     self._local = (os.getpid(), *self._open())
         return self._local[1:]
 
-    def _open(self) -> tuple[sqlite3.Connection, Any, sqlite3.Connection | None]:
+    def _open(self) -> tuple[sqlite3.Connection, Any, GroupCommit | None]:
         pool = _worker_thread()
         if pool is None:
             return _prepared(self.path), None, None
         # Opened in the thread: opening may wait for another process's lock.
-        return pool.apply(_prepared, (self.path,)), pool, pool.apply(_in_place, (self.path,))
+        db = pool.apply(_prepared, (self.path,))
+        return db, pool, GroupCommit(pool.apply(_in_place, (self.path,)), self._run)
 
     def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``work`` on the connection: in its thread under gevent, else holding the lock."""
@@ -89,21 +84,12 @@ class SQLiteStore(Store):
         self.background.start()
         self._written += 1
         try:
-            _, _, quick = self._connection()
-            # Under gevent: in place, and while another process holds the lock, a
-            # pause that lets the worker's other greenlets run, then again. No
-            # greenlet runs during an attempt (no I/O in it): the transaction is
-            # whole, or rolled back and tried again. Past _IN_PLACE, the thread waits.
-            for pause in _IN_PLACE if quick is not None else ():
-                try:
-                    return _locked(quick, work)
-                except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorcode & 0xFF not in _BUSY:
-                        raise
-                time.sleep(pause)
+            _, _, group = self._connection()
+            if group is not None:
+                return group.run(work)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite: {type(exc).__name__}") from None
-        return self._run(lambda db: _locked(db, work))
+        return self._run(lambda db: in_transaction(db, work))
 
     def _tick(self) -> None:
         """Checkpoint the WAL in the thread; once a minute, forget windows that ended a day ago."""
@@ -176,12 +162,12 @@ class SQLiteStore(Store):
             db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
 
         if not exiting:
-            self._run(lambda db: _locked(db, work))
+            self._run(lambda db: in_transaction(db, work))
             return
         try:  # the process is ending: wait in place, on a connection of its own
             db = _prepared(self.path)
             try:
-                _locked(db, work)
+                in_transaction(db, work)
             finally:
                 db.close()
         except sqlite3.Error as exc:
@@ -266,21 +252,6 @@ def _in_place(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=0")
     db.execute("PRAGMA wal_autocheckpoint=0")
     return db
-
-
-def _locked(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], Any]) -> Any:
-    """Run ``work`` in one ``BEGIN IMMEDIATE`` transaction: committed whole, or rolled back."""
-    if db.in_transaction:  # never build on a transaction something left open
-        db.execute("ROLLBACK")
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        result = work(db)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return result
 
 
 def _worker_thread():
