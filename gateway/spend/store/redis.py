@@ -139,7 +139,9 @@ class _Wire:
         )
         loaded = reconnected = False
         while True:
-            conn, reused = self._take()
+            # Sent again after a closed connection: on a new one (the others idle may
+            # be closed too, as when the server restarted).
+            conn, reused = (self._make(), False) if reconnected else self._take()
             try:
                 conn.send_packed_command([command], check_health=False)
                 reply = conn.read_response()
