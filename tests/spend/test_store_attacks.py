@@ -6,19 +6,27 @@ more, never less); usage rows may be lost with a killed process, never written t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import threading
 
 import pytest
 
 from gateway.policy.limits import Ask, LimitSet, parse_rate
 from gateway.spend.store import open_store
+from gateway.spend.store.base import UsageRow
 
 from .test_live import RedisServer
 
 LIMITED = Ask(
     (("client:c", LimitSet((parse_rate("100/day"),), 10, (parse_rate("10000/day"),))),), 100
 )
+
+
+def _row(i: int) -> UsageRow:
+    return UsageRow(1_800_000_000.0 + i, "c", "gpt-x", 10, 5, 200)
 
 
 @pytest.fixture
@@ -34,6 +42,47 @@ def own_redis(tmp_path):
 
 def _remaining(store, ask=LIMITED) -> dict[str, int]:
     return {quota.kind: quota.remaining for quota in store.check(ask).quotas}
+
+
+class ReplyCutter:
+    """A TCP relay to Redis that, when told, closes a connection instead of passing a reply on.
+
+    The server has run the command; the client sees its connection closed unanswered.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.cuts = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if replies and self.cuts:
+                    self.cuts -= 1
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
 
 
 # --- Redis: connections killed, replies lost ----------------------------------------------
@@ -57,3 +106,39 @@ def test_every_connection_killed_at_once_refuses_no_call(own_redis):
         assert verdict.admitted
         store.finish(verdict.ticket, 10)
     assert _remaining(store) == {"requests": 100 - 5 - 1, "tokens": 10000 - 5 * 10 - 100}
+
+
+def test_usage_rows_whose_reply_was_lost_are_written_once(own_redis):
+    cutter = ReplyCutter(own_redis.port)
+    try:
+        store = open_store(f"redis://127.0.0.1:{cutter.port}/0", "")
+        store.usage(0)  # connected
+        for i in range(5):
+            store.record(_row(i))
+        cutter.cuts = 1  # the rows are written; the reply is lost
+        store.flush()
+        store.flush()  # whatever was kept for another try
+        assert store.usage(0) == [_row(i) for i in range(5)]
+    finally:
+        cutter.close()
+
+
+def test_rows_waiting_for_a_store_that_is_down_stay_bounded_the_newest_kept(tmp_path, monkeypatch):
+    from gateway.spend.store import base
+
+    monkeypatch.setattr(base, "MAX_WAITING_ROWS", 300)
+    store = open_store(f"sqlite:///{tmp_path}/limits.sqlite3", str(tmp_path))
+    write, tries = store.background._write, []
+
+    def down(rows, exiting, batch):
+        tries.append(batch)
+        raise base.StoreUnavailable("down")
+
+    store.background._write = down
+    for i in range(1000):
+        store.record(_row(i))
+        if i % 100 == 99:
+            store.flush()
+    assert len(tries) < 1000 // 100 * 3 + 10  # each flush stops at the first batch refused
+    store.background._write = write
+    assert store.usage(0) == [_row(i) for i in range(700, 1000)]

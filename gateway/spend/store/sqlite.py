@@ -169,7 +169,8 @@ class SQLiteStore(Store):
             )
         )
 
-    def _write_usage(self, rows: list[UsageRow], exiting: bool) -> None:
+    def _write_usage(self, rows: list[UsageRow], exiting: bool, batch: str) -> None:
+        # A commit that returns was written, one that raises was not: ``batch`` is not needed.
         values = [astuple(row) for row in rows]
 
         def work(db: sqlite3.Connection) -> None:
