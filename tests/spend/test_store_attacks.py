@@ -9,8 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -18,6 +22,7 @@ from gateway.policy.limits import Ask, LimitSet, parse_rate
 from gateway.spend.store import open_store
 from gateway.spend.store.base import UsageRow
 
+from ..live_gateway import ROOT
 from .test_live import RedisServer
 
 LIMITED = Ask(
@@ -142,3 +147,50 @@ def test_rows_waiting_for_a_store_that_is_down_stay_bounded_the_newest_kept(tmp_
     assert len(tries) < 1000 // 100 * 3 + 10  # each flush stops at the first batch refused
     store.background._write = write
     assert store.usage(0) == [_row(i) for i in range(700, 1000)]
+
+
+# --- fork after use -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_slot_of_a_killed_parent_is_freed_though_its_forked_child_lives(kind, tmp_path, request):
+    # The child inherits the parent's memory, the slots it renews included: those are
+    # the parent's to renew, and must expire with it.
+    url = f"sqlite:///{tmp_path}/limits.sqlite3"
+    if kind == "redis":
+        url = f"redis://127.0.0.1:{request.getfixturevalue('own_redis').port}/0"
+    code = """
+import os, signal, sys, time
+from gateway.policy.limits import Ask, LimitSet
+from gateway.spend.store import open_store
+store = open_store(sys.argv[1], sys.argv[2])
+ask = Ask((("client:f", LimitSet(concurrent=2)),), 0)
+assert store.admit(ask).admitted  # held, and renewed, until the parent dies
+child = os.fork()
+if child == 0:
+    assert store.admit(ask).admitted  # the child's own slot
+    time.sleep(20)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    env = {**os.environ, "GATEWAY_WORKER_TIMEOUT": "1"}  # a lease of 1 s, renewed every 1/3 s
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, url, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    parent.wait(10)
+    try:
+        store = open_store(url, str(tmp_path))
+        ask = Ask((("client:f", LimitSet(concurrent=2)),), 0)
+        deadline = time.monotonic() + 5
+        while not store.admit(ask).admitted:
+            assert time.monotonic() < deadline, "the dead parent's slot is renewed by its child"
+            time.sleep(0.2)
+        assert not store.admit(ask).admitted  # the child's slot is held still
+    finally:
+        os.kill(child, signal.SIGKILL)

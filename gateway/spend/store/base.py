@@ -141,10 +141,11 @@ class _Leases:
 
     def hold(self, ticket: Ticket) -> None:
         with self._lock:
-            self._held[ticket.id] = ticket.slots
             if self._pid != os.getpid():  # a thread of its own in each worker, after fork
                 self._pid = os.getpid()
+                self._held = {}  # a parent's slots are the parent's: they expire with it
                 threading.Thread(target=self._run, daemon=True, name="gateway-leases").start()
+            self._held[ticket.id] = ticket.slots
 
     def drop(self, ticket: Ticket) -> None:
         with self._lock:
