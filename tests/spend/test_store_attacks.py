@@ -194,3 +194,47 @@ os.kill(os.getpid(), signal.SIGKILL)
         assert not store.admit(ask).admitted  # the child's slot is held still
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+# --- many stores in one process -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("patched", [True, False])  # a gevent worker; threads (the test suite)
+def test_a_dropped_store_leaves_no_thread_nor_open_file_behind(patched, tmp_path):
+    # Every app made (one per test, in the test suite) has a store of its own.
+    code = """
+import gc, os, sys, threading, time
+from gateway.policy.limits import Ask, LimitSet
+from gateway.spend.store import open_store
+from gateway.spend.store.base import UsageRow
+
+def held():
+    native = len(os.listdir("/proc/self/task"))
+    return native, len(threading.enumerate()), len(os.listdir("/proc/self/fd"))
+
+before = held()
+for _ in range(10):
+    store = open_store("sqlite:///" + sys.argv[1] + "/limits.sqlite3", sys.argv[1])
+    verdict = store.admit(Ask((("client:c", LimitSet(concurrent=5)),), 0))
+    store.finish(verdict.ticket, None, UsageRow(time.time(), "c", "gpt-x", 1, 1, 200))
+    del store, verdict
+deadline = time.monotonic() + 5
+while held() != before and time.monotonic() < deadline:
+    gc.collect()
+    time.sleep(0.1)
+print(before, held())
+"""
+    if patched:
+        code = "from gevent import monkey; monkey.patch_all()\n" + code
+    env = {**os.environ, "GATEWAY_WORKER_TIMEOUT": "1"}  # slots renewed every 1/3 s
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    before, after = result.stdout.strip().split(") (")
+    assert before + ")" == "(" + after, result.stdout  # threads (native, Python) and files

@@ -144,23 +144,34 @@ class _Leases:
             if self._pid != os.getpid():  # a thread of its own in each worker, after fork
                 self._pid = os.getpid()
                 self._held = {}  # a parent's slots are the parent's: they expire with it
-                threading.Thread(target=self._run, daemon=True, name="gateway-leases").start()
+                thread = threading.Thread(target=_renewing, args=(weakref.ref(self),), daemon=True)
+                thread.name = "gateway-leases"
+                thread.start()
             self._held[ticket.id] = ticket.slots
 
     def drop(self, ticket: Ticket) -> None:
         with self._lock:
             self._held.pop(ticket.id, None)
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(LEASE_SECONDS / 3)
-            with self._lock:
-                held = [(key, tid) for tid, keys in self._held.items() for key in keys]
-            if held:
-                try:
-                    self._renew(held)
-                except StoreUnavailable:
-                    log.warning("could not renew %d concurrency slots", len(held))
+    def renew(self) -> None:
+        with self._lock:
+            held = [(key, tid) for tid, keys in self._held.items() for key in keys]
+        if held:
+            try:
+                self._renew(held)
+            except StoreUnavailable:
+                log.warning("could not renew %d concurrency slots", len(held))
+
+
+def _renewing(ref: weakref.ref[_Leases]) -> None:
+    # Holds the store only while it renews, so a dropped store's thread ends.
+    while True:
+        time.sleep(LEASE_SECONDS / 3)
+        leases = ref()
+        if leases is None or leases._pid != os.getpid():
+            return
+        leases.renew()
+        del leases
 
 
 class _Background:

@@ -7,6 +7,7 @@ import sqlite3
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import astuple
 from pathlib import Path
@@ -70,6 +71,8 @@ class SQLiteStore(Store):
         pool = _worker_thread()
         if pool is None:
             return _prepared(self.path), None, None
+        # The thread ends with the store (a process may make many: the test suite).
+        weakref.finalize(self, pool.hub.loop.run_callback_threadsafe, pool.kill).atexit = False
         # Opened in the thread: opening may wait for another process's lock.
         return pool.apply(_prepared, (self.path,)), pool, pool.apply(_in_place, (self.path,))
 
