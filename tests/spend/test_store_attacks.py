@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,9 +22,11 @@ import pytest
 from gateway.policy.limits import Ask, LimitSet, parse_rate
 from gateway.spend.store import open_store
 from gateway.spend.store.base import UsageRow
+from gateway.spend.store.sqlite import SQLiteStore
 
 from ..live_gateway import ROOT
 from .test_live import RedisServer
+from .test_store_paths import _in_gevent
 
 LIMITED = Ask(
     (("client:c", LimitSet((parse_rate("100/day"),), 10, (parse_rate("10000/day"),))),), 100
@@ -207,6 +210,7 @@ import gc, os, sys, threading, time
 from gateway.policy.limits import Ask, LimitSet
 from gateway.spend.store import open_store
 from gateway.spend.store.base import UsageRow
+from gateway.spend.store.sqlite import SQLiteStore
 
 def held():
     native = len(os.listdir("/proc/self/task"))
@@ -238,3 +242,156 @@ print(before, held())
     assert result.returncode == 0, result.stderr
     before, after = result.stdout.strip().split(") (")
     assert before + ")" == "(" + after, result.stdout  # threads (native, Python) and files
+
+
+# --- SQLite under gevent: contended, killed, timed out ---------------------------------------
+
+_BURST = """
+from gevent import monkey; monkey.patch_all()
+import sys, time, gevent
+from gateway.policy.limits import Ask, LimitSet, parse_rate
+from gateway.spend.store.sqlite import SQLiteStore
+store = SQLiteStore(sys.argv[1])
+limits = LimitSet((parse_rate("100/day"),), 8, (parse_rate("6000/day"),))
+ask = Ask((("client:burst", limits),), 100)
+def one(i):
+    verdict = store.admit(ask)
+    if verdict.admitted:
+        print("admitted", flush=True)  # said once counted: a SIGKILL may come before it
+        gevent.sleep(0.002 * (i % 5))
+        store.finish(verdict.ticket, 60 if i % 3 else None)
+    return verdict.admitted
+time.sleep(max(0, float(sys.argv[2]) - time.time()))
+for _ in range(3):
+    gevent.joinall([gevent.spawn(one, i) for i in range(150)])
+"""
+
+# Takes the file's lock for 3 ms out of every 5: transactions find it held, wait in
+# place, and go to the worker's thread.
+_HOG = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+while True:
+    db.execute("BEGIN IMMEDIATE")
+    time.sleep(0.003)
+    db.execute("COMMIT")
+    time.sleep(0.002)
+"""
+
+# Reads the slots held, as often as it can: never more than the cap.
+_WATCH = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+most = 0
+for _ in range(4000):
+    (held,) = db.execute("SELECT COUNT(*) FROM slots").fetchone()
+    most = max(most, held)
+    time.sleep(0.001)
+print(most, flush=True)
+"""
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def test_bursts_on_a_contended_file_with_a_worker_killed_midway_stay_exact(tmp_path):
+    path = str(tmp_path / "limits.sqlite3")
+    SQLiteStore(path).usage(0)
+    env = {**os.environ, "GATEWAY_WORKER_TIMEOUT": "2"}  # a killed worker's slots: 2 s
+    start = str(time.time() + 1.5)
+    hog, watch = _python(_HOG, path), _python(_WATCH, path)
+    bursts = [_python(_BURST, path, start, env=env) for _ in range(4)]
+    try:
+        said = 0
+        while said < 10 and bursts[0].stdout.readline():  # killed once it has admitted 10
+            said += 1
+        bursts[0].kill()
+        said += len(bursts[0].stdout.read().split())
+        said += sum(len(burst.communicate(timeout=60)[0].split()) for burst in bursts[1:])
+        most = int(watch.communicate(timeout=60)[0])
+    finally:
+        for process in (hog, watch, *bursts):
+            process.kill()
+            process.wait()
+    db = sqlite3.connect(path)
+    counters = dict(db.execute("SELECT substr(key, 1, 3), used + reserved FROM counters"))
+    assert said <= counters["req"] <= 100  # every admission counted, none past the limit
+    assert counters["tok"] <= 6000
+    assert most <= 8  # never more calls at once than the cap, across processes
+    time.sleep(2.5)  # the killed worker's slots expire with their leases
+    store = SQLiteStore(path)
+    ask = Ask((("client:burst", LimitSet(concurrent=8)),), 0)
+    assert all(store.admit(ask).admitted for _ in range(8))
+
+
+def test_admissions_timed_out_or_killed_while_the_lock_is_held_leave_nothing_open(tmp_path):
+    # gevent.Timeout and Greenlet.kill come while a transaction waits for another
+    # process's lock: in a pause in place, or for the worker's thread. What the
+    # thread admits after its caller gave up is counted (and its slot expires);
+    # the worker goes on in place, with no transaction left open.
+    path = str(tmp_path / "limits.sqlite3")
+    result = _in_gevent(
+        """
+        import subprocess, sys, time, gevent
+        from gateway.policy.limits import Ask, LimitSet, parse_rate
+        from gateway.spend.store.sqlite import SQLiteStore
+        store = SQLiteStore(sys.argv[1])
+        ask = Ask((("client:t", LimitSet((parse_rate("100/day"),), 50)),), 0)
+        db, pool, quick = store._connection()
+        holder = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sqlite3, sys, time\\n"
+             "db = sqlite3.connect(sys.argv[1], isolation_level=None)\\n"
+             "db.execute('BEGIN IMMEDIATE'); print('held', flush=True)\\n"
+             "time.sleep(0.5); db.execute('COMMIT')\\n",
+             sys.argv[1]],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert holder.stdout.readline().strip() == "held"
+        def timed(seconds):
+            try:
+                with gevent.Timeout(seconds):
+                    return store.admit(ask).admitted
+            except gevent.Timeout:
+                return "timeout"
+        timed_out = [gevent.spawn(timed, 0.015 * i) for i in range(1, 30)]
+        killed = [gevent.spawn(store.admit, ask) for _ in range(10)]
+        gevent.sleep(0.3)
+        gevent.killall(killed)
+        gevent.joinall(timed_out)
+        assert all(job.value == "timeout" for job in timed_out)
+        holder.wait()
+        pool.apply(lambda: None)  # what the thread had to do is done
+        assert not quick.in_transaction and not db.in_transaction
+        (used,) = db.execute("SELECT used FROM counters").fetchone()
+        (slots,) = db.execute("SELECT COUNT(*) FROM slots").fetchone()
+        assert store.admit(ask).admitted  # in place again
+        print(used, slots)
+        """,
+        path,
+    )
+    used, slots = map(int, result.stdout.split())
+    assert used == slots <= 39  # what was admitted holds a slot till its lease ends
+
+
+def test_a_transaction_left_open_in_place_is_rolled_back_not_built_on(tmp_path):
+    result = _in_gevent(
+        """
+        import sys
+        from gateway.policy.limits import Ask, LimitSet, parse_rate
+        from gateway.spend.store.sqlite import SQLiteStore
+        store = SQLiteStore(sys.argv[1])
+        ask = Ask((("client:o", LimitSet((parse_rate("100/day"),),)),), 0)
+        db, pool, quick = store._connection()
+        quick.execute("BEGIN IMMEDIATE")  # as if something had left it open
+        quick.execute("INSERT INTO counters VALUES ('stray', 0, 1, 0)")
+        assert store.admit(ask).admitted
+        assert not quick.in_transaction
+        print(db.execute("SELECT COUNT(*) FROM counters WHERE key = 'stray'").fetchone()[0])
+        """,
+        str(tmp_path / "limits.sqlite3"),
+    )
+    assert result.stdout.strip() == "0"
