@@ -395,3 +395,60 @@ def test_a_transaction_left_open_in_place_is_rolled_back_not_built_on(tmp_path):
         str(tmp_path / "limits.sqlite3"),
     )
     assert result.stdout.strip() == "0"
+
+
+# --- Redis under gevent: scripts flushed, connections killed mid-burst ------------------------
+
+
+_RBURST = """
+import sys, gevent, redis
+from gateway.policy.limits import Ask, LimitSet, parse_rate
+from gateway.spend.store import open_store
+from gateway.spend.store.base import StoreUnavailable
+url, havoc = sys.argv[1], sys.argv[2]
+store = open_store(url, "")
+limits = LimitSet((parse_rate("300/day"),), 20, (parse_rate("20000/day"),))
+ask = Ask((("client:r", limits),), 100)
+admin = redis.Redis.from_url(url)
+refused = []
+def one(i):
+    try:
+        verdict = store.admit(ask)
+    except StoreUnavailable as exc:
+        refused.append(str(exc))
+        return 0
+    if verdict.admitted:
+        gevent.sleep(0.001 * (i % 4))
+        try:
+            store.finish(verdict.ticket, 60)
+        except StoreUnavailable:  # its reservation stays spent whole
+            pass
+    return int(verdict.admitted)
+def havoc_():
+    gevent.sleep(0.01)
+    for n in range(1 if havoc == "flush" else 6):
+        gevent.sleep(0.01)
+        admin.client_kill_filter(_type="normal", skipme=True) if n % 2 else admin.script_flush()
+jobs = [gevent.spawn(one, i) for i in range(600)]
+gevent.joinall([*jobs, gevent.spawn(havoc_)])
+print(sum(job.value for job in jobs), len(refused), sorted(set(refused)))
+"""
+
+
+@pytest.mark.parametrize("havoc", ["flush", "kill"])
+def test_a_redis_burst_through_script_flush_and_client_kill_stays_exact(own_redis, havoc):
+    # Scripts flushed mid-burst: none of 600 calls at once is refused for it (each
+    # loads the script on its own connection). Connections killed mid-command: the
+    # calls on them may be refused, and a count may be counted twice, never less.
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    result = _in_gevent(_RBURST, url, havoc)
+    admitted, refused, why = result.stdout.split(maxsplit=2)
+    import redis
+
+    admin = redis.Redis.from_url(url)
+    (requests,) = (int(admin.get(key)) for key in admin.keys("req:client:r:*"))
+    (tokens,) = (admin.hgetall(key) for key in admin.keys("tok:client:r:*"))
+    if havoc == "flush":
+        assert int(refused) == 0, why
+    assert int(admitted) <= requests <= 300  # counted (twice if a reply was lost)
+    assert int(tokens[b"used"]) + int(tokens[b"reserved"]) <= 20000  # never past a budget

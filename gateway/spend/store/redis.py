@@ -139,7 +139,6 @@ class _Wire:
     def __init__(self, client: Any) -> None:
         pool = client.connection_pool
         self._make = lambda: pool.connection_class(**pool.connection_kwargs)
-        self._client = client
         self._idle: list[tuple[Any, float]] = []
 
     def run(self, script: Any, keys: list[str], arg: str) -> Any:
@@ -148,20 +147,24 @@ class _Wire:
         command = _packed(
             b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *map(str.encode, keys), arg.encode()
         )
-        loaded = reconnected = False
+        load = b""
+        reconnected = False
         while True:
             # Sent again after a closed connection: on a new one (the others idle may
             # be closed too, as when the server restarted).
             conn, reused = (self._make(), False) if reconnected else self._take()
             try:
-                conn.send_packed_command([command], check_health=False)
+                conn.send_packed_command([load + command], check_health=False)
+                if load:
+                    conn.read_response()
                 reply = conn.read_response()
             except redis.exceptions.NoScriptError:  # the server restarted, or flushed its scripts
                 self._give(conn)
-                if loaded:
+                if load:
                     raise
-                self._client.script_load(script.script)
-                loaded = True
+                # Loaded on this connection, just before: every call waiting at once
+                # would take one of the pool's (100 at most) and be refused past them.
+                load = _packed(b"SCRIPT", b"LOAD", script.script.encode())
             except redis.ConnectionError:
                 conn.disconnect()
                 if reconnected or not reused:
