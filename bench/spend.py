@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from . import __main__ as bench
@@ -161,11 +162,11 @@ def store_costs(folder: str, redis_url: str, count: int, rounds: int) -> dict[st
         "thread hand-off (an empty call)": (lambda: empty.apply(lambda: None), 1),
         "usage row: recorded (the request's share)": (lambda: sqlite.record(row), 1),
         "SQLite: usage rows written, per row in a batch of 100": (
-            lambda: sqlite._write_usage([row] * 100, False),
+            lambda: sqlite._write_usage([row] * 100, False, uuid.uuid4().hex),
             100,
         ),
         "Redis: usage rows written, per row in a batch of 100": (
-            lambda: redis._write_usage([row] * 100, False),
+            lambda: redis._write_usage([row] * 100, False, uuid.uuid4().hex),
             100,
         ),
         "SQLite: admit + settle, in place (lock free)": (lambda: limited(sqlite), 1),

@@ -452,3 +452,20 @@ def test_usage_rows_waiting_in_a_worker_are_written_when_it_stops(fake_upstream,
         gateway.stop()
     rows = _usage(gateway, "--by", "model")
     assert sorted(row["model"] for row in rows) == [f"gpt-stop-{i}" for i in range(5)]
+
+
+def test_usage_rows_waiting_in_a_worker_are_written_to_redis_when_it_stops(redis_pair, tmp_path):
+    # The same on Redis: the rows go out at exit, over gevent's sockets.
+    gateways, _ = redis_pair
+    gateway = LiveGateway(
+        gateways[0].env["GATEWAY_CONFIG"], CANARIES, tmp_path / "gunicorn.log", workers=1
+    ).start()
+    try:
+        for i in range(5):
+            body = {**CHAT, "model": f"gpt-redis-stop-{i}", "max_tokens": 5}
+            assert _chat(gateway, "usage", body).status_code == 200
+    finally:
+        gateway.stop()
+    rows = _usage(gateway, "--by", "model")
+    stopped = sorted(row["model"] for row in rows if row["model"].startswith("gpt-redis-stop"))
+    assert stopped == [f"gpt-redis-stop-{i}" for i in range(5)]

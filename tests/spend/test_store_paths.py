@@ -83,9 +83,9 @@ def test_recording_a_row_writes_nothing_in_the_caller_and_rows_go_in_batches(tmp
     writes: list[tuple[int, int]] = []
     write = store.background._write
 
-    def counted(rows, exiting):
+    def counted(rows, exiting, batch):
         writes.append((threading.get_ident(), len(rows)))
-        write(rows, exiting)
+        write(rows, exiting, batch)
 
     store.background._write = counted
     for _ in range(2 * FLUSH_ROWS + 50):

@@ -141,25 +141,37 @@ class _Leases:
 
     def hold(self, ticket: Ticket) -> None:
         with self._lock:
-            self._held[ticket.id] = ticket.slots
             if self._pid != os.getpid():  # a thread of its own in each worker, after fork
                 self._pid = os.getpid()
-                threading.Thread(target=self._run, daemon=True, name="gateway-leases").start()
+                self._held = {}  # a parent's slots are the parent's: they expire with it
+                thread = threading.Thread(target=_renewing, args=(weakref.ref(self),), daemon=True)
+                thread.name = "gateway-leases"
+                thread.start()
+            self._held[ticket.id] = ticket.slots
 
     def drop(self, ticket: Ticket) -> None:
         with self._lock:
             self._held.pop(ticket.id, None)
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(LEASE_SECONDS / 3)
-            with self._lock:
-                held = [(key, tid) for tid, keys in self._held.items() for key in keys]
-            if held:
-                try:
-                    self._renew(held)
-                except StoreUnavailable:
-                    log.warning("could not renew %d concurrency slots", len(held))
+    def renew(self) -> None:
+        with self._lock:
+            held = [(key, tid) for tid, keys in self._held.items() for key in keys]
+        if held:
+            try:
+                self._renew(held)
+            except StoreUnavailable:
+                log.warning("could not renew %d concurrency slots", len(held))
+
+
+def _renewing(ref: weakref.ref[_Leases]) -> None:
+    # Holds the store only while it renews, so a dropped store's thread ends.
+    while True:
+        time.sleep(LEASE_SECONDS / 3)
+        leases = ref()
+        if leases is None or leases._pid != os.getpid():
+            return
+        leases.renew()
+        del leases
 
 
 class _Background:
@@ -170,16 +182,19 @@ class _Background:
     when the store is dropped.
     """
 
-    def __init__(self, write: Callable[[list[UsageRow], bool], None], tick: Callable[[], None]):
+    def __init__(
+        self, write: Callable[[list[UsageRow], bool, str], None], tick: Callable[[], None]
+    ) -> None:
         self._write = write
         self._tick = tick
         self._pid: int | None = None
         self._rows: list[UsageRow] = []
+        self._failed: list[tuple[str, list[UsageRow]]] = []  # batches to try again, oldest first
 
     def start(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._rows = []  # a parent's rows are the parent's to write
+            self._rows, self._failed = [], []  # a parent's rows are the parent's to write
             self._lock = threading.Lock()
             self._wake = threading.Event()
             _LIVE.add(self)
@@ -198,21 +213,28 @@ class _Background:
             self._wake.set()
 
     def flush(self, exiting: bool = False) -> None:
-        """Write every row waiting; keep them for the next try if the store cannot take them."""
+        """Write every row waiting; keep the batches the store cannot take for the next try."""
         if self._pid != os.getpid():
             return
         with self._lock:
             rows, self._rows = self._rows, []
-        if not rows:
-            return
-        try:
-            self._write(rows, exiting)
-        except StoreUnavailable as exc:
-            with self._lock:
-                self._rows[:0] = rows
-                lost = max(0, len(self._rows) - MAX_WAITING_ROWS)
-                del self._rows[:lost]
-            log.warning("could not write %d usage rows (%s); %d dropped", len(rows), exc, lost)
+            # A batch is tried again whole, under its id: a try that failed may have
+            # been written (its reply lost), and the store writes one id once.
+            new = range(0, len(rows), FLUSH_ROWS)
+            batches = self._failed + [(uuid.uuid4().hex, rows[i : i + FLUSH_ROWS]) for i in new]
+            self._failed = []
+        for done, (batch, part) in enumerate(batches):
+            try:
+                self._write(part, exiting, batch)
+            except StoreUnavailable as exc:
+                with self._lock:
+                    self._failed[:0] = batches[done:]
+                    lost = max(0, len(self._failed) - MAX_WAITING_ROWS // FLUSH_ROWS)
+                    dropped = sum(len(rows) for _, rows in self._failed[:lost])
+                    del self._failed[:lost]
+                waiting = sum(len(rows) for _, rows in batches[done:])
+                log.warning("could not write %d usage rows (%s); %d dropped", waiting, exc, dropped)
+                return
 
     def tick(self) -> None:
         try:
@@ -316,8 +338,8 @@ class Store:
     def _read_usage(self, since: float) -> list[UsageRow]:
         raise NotImplementedError
 
-    def _write_usage(self, rows: list[UsageRow], exiting: bool) -> None:
-        """Write ``rows`` in one step; ``exiting``: the process is ending, wait in place."""
+    def _write_usage(self, rows: list[UsageRow], exiting: bool, batch: str) -> None:
+        """Write ``rows`` in one step, once per ``batch`` id; ``exiting``: wait in place."""
         raise NotImplementedError
 
     def _tick(self) -> None:

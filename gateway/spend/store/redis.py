@@ -90,6 +90,17 @@ return 1
 """
 
 
+# A batch of usage rows is written whole, and once: tried again (its reply lost,
+# or redis-py sending it again) it adds nothing. An id is kept for an hour, far
+# longer than a batch waits for another try while its store can be reached.
+_USAGE = """
+if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', 3600) then return 0 end
+for i, row in ipairs(ARGV) do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1000000, '*', 'row', row)
+end
+return 1
+"""
+
 # A request counter is a string, a budget a hash whose reservations stay held.
 _RESET = """
 for i, key in ipairs(KEYS) do
@@ -128,7 +139,6 @@ class _Wire:
     def __init__(self, client: Any) -> None:
         pool = client.connection_pool
         self._make = lambda: pool.connection_class(**pool.connection_kwargs)
-        self._client = client
         self._idle: list[tuple[Any, float]] = []
 
     def run(self, script: Any, keys: list[str], arg: str) -> Any:
@@ -137,18 +147,24 @@ class _Wire:
         command = _packed(
             b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *map(str.encode, keys), arg.encode()
         )
-        loaded = reconnected = False
+        load = b""
+        reconnected = False
         while True:
-            conn, reused = self._take()
+            # Sent again after a closed connection: on a new one (the others idle may
+            # be closed too, as when the server restarted).
+            conn, reused = (self._make(), False) if reconnected else self._take()
             try:
-                conn.send_packed_command([command], check_health=False)
+                conn.send_packed_command([load + command], check_health=False)
+                if load:
+                    conn.read_response()
                 reply = conn.read_response()
             except redis.exceptions.NoScriptError:  # the server restarted, or flushed its scripts
                 self._give(conn)
-                if loaded:
+                if load:
                     raise
-                self._client.script_load(script.script)
-                loaded = True
+                # Loaded on this connection, just before: every call waiting at once
+                # would take one of the pool's (100 at most) and be refused past them.
+                load = _packed(b"SCRIPT", b"LOAD", script.script.encode())
             except redis.ConnectionError:
                 conn.disconnect()
                 if reconnected or not reused:
@@ -203,6 +219,7 @@ class RedisStore(Store):
                     "finish": client.register_script(_FINISH),
                     "renew": client.register_script(_RENEW),
                     "reset": client.register_script(_RESET),
+                    "usage": client.register_script(_USAGE),
                     "wire": _Wire(client),
                 },
             )
@@ -297,20 +314,15 @@ class RedisStore(Store):
     def reset(self, limits: list[Budget]) -> None:
         self._call("reset", [limit.key for limit in limits], {})
 
-    def _write_usage(self, rows: list[UsageRow], exiting: bool) -> None:
-        """Add ``rows`` to the usage stream in one round trip."""
+    def _write_usage(self, rows: list[UsageRow], exiting: bool, batch: str) -> None:
+        """Add ``rows`` to the usage stream in one script, unless ``batch`` was written."""
         import redis
 
         try:
-            with self._redis()["client"].pipeline(transaction=False) as pipe:
-                for row in rows:
-                    pipe.xadd(
-                        "gateway:usage",
-                        {"row": json.dumps(row.__dict__)},
-                        maxlen=1_000_000,
-                        approximate=True,
-                    )
-                pipe.execute()
+            self._redis()["usage"](
+                keys=["gateway:usage", f"usage-batch:{batch}"],
+                args=[json.dumps(row.__dict__) for row in rows],
+            )
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis: {type(exc).__name__}") from None
 

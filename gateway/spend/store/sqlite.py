@@ -7,6 +7,7 @@ import sqlite3
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import astuple
 from pathlib import Path
@@ -64,6 +65,8 @@ class SQLiteStore(Store):
         pool = _worker_thread()
         if pool is None:
             return _prepared(self.path), None, None
+        # The thread ends with the store (a process may make many: the test suite).
+        weakref.finalize(self, pool.hub.loop.run_callback_threadsafe, pool.kill).atexit = False
         # Opened in the thread: opening may wait for another process's lock.
         db = pool.apply(_prepared, (self.path,))
         return db, pool, GroupCommit(pool.apply(_in_place, (self.path,)), self._run)
@@ -155,7 +158,8 @@ class SQLiteStore(Store):
             )
         )
 
-    def _write_usage(self, rows: list[UsageRow], exiting: bool) -> None:
+    def _write_usage(self, rows: list[UsageRow], exiting: bool, batch: str) -> None:
+        # A commit that returns was written, one that raises was not: ``batch`` is not needed.
         values = [astuple(row) for row in rows]
 
         def work(db: sqlite3.Connection) -> None:
