@@ -174,6 +174,9 @@ def _renewing(ref: weakref.ref[_Leases]) -> None:
         del leases
 
 
+_STARTING = threading.Lock()
+
+
 class _Background:
     """This process's usage rows, written in batches by a thread of its own.
 
@@ -192,8 +195,11 @@ class _Background:
         self._failed: list[tuple[str, list[UsageRow]]] = []  # batches to try again, oldest first
 
     def start(self) -> None:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
+        if self._pid == os.getpid():
+            return
+        with _STARTING:  # threads (gthread workers) may come at once
+            if self._pid == os.getpid():
+                return
             self._rows, self._failed = [], []  # a parent's rows are the parent's to write
             self._lock = threading.Lock()
             self._wake = threading.Event()
@@ -203,6 +209,7 @@ class _Background:
             )
             thread.name = "gateway-usage"
             thread.start()
+            self._pid = os.getpid()  # last: whoever sees it finds everything above
 
     def add(self, row: UsageRow) -> None:
         self.start()
