@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import signal
 import threading
 import time
@@ -20,7 +19,7 @@ from gateway.policy.keys import key_item
 
 from ..live_gateway import LiveGateway
 from ..spend.test_live import RedisServer
-from ..support import error_code, write_config
+from ..support import error_code, need_redis_server, write_config
 from .test_tokens import ENV, OLD_SECRET, ORIGIN, PLAIN_KEY, SECRET, WEB_KEY, session_config
 
 LIMITED_KEY = "ck-test-per-user-0123456789"
@@ -84,10 +83,7 @@ def sqlite_pair(fake_upstream, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def redis_pair(fake_upstream, tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI (.ci/run installs it)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    need_redis_server()
     folder = tmp_path_factory.mktemp("sessions-redis")
     redis = RedisServer(folder).start()
     config = live_session_config(fake_upstream.url, f"redis://127.0.0.1:{redis.port}/0")

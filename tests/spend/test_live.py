@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from ..live_gateway import ROOT, LiveGateway, free_port
-from ..support import CANARIES, error_code, write_config
+from ..support import CANARIES, error_code, need_redis_server, write_config
 
 KEYS = {
     name: f"ck-spend-{name}-0123456789"
@@ -382,10 +382,7 @@ class RedisServer:
 
 @pytest.fixture(scope="module")
 def redis_pair(fake_upstream, tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI (.ci/run installs it)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    need_redis_server()
     folder = tmp_path_factory.mktemp("spend-redis")
     redis = RedisServer(folder).start()
     config = write_config(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -25,7 +24,6 @@ from gateway.spend.store.base import UsageRow
 from gateway.spend.store.sqlite import SQLiteStore
 
 from ..live_gateway import ROOT
-from .test_live import RedisServer
 from .test_store_paths import _in_gevent
 
 LIMITED = Ask(
@@ -35,17 +33,6 @@ LIMITED = Ask(
 
 def _row(i: int) -> UsageRow:
     return UsageRow(1_800_000_000.0 + i, "c", "gpt-x", 10, 5, 200)
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI (.ci/run installs it)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def _remaining(store, ask=LIMITED) -> dict[str, int]:

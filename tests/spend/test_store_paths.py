@@ -8,8 +8,6 @@ is free and goes to the worker's thread only when another connection holds it.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -26,6 +24,7 @@ from gateway.spend.store.base import FLUSH_ROWS, UsageRow
 from gateway.spend.store.sqlite import SQLiteStore
 
 from ..live_gateway import ROOT
+from ..support import need_redis_server
 from .test_live import RedisServer
 
 ROW = UsageRow(round(time.time(), 3), "chat", "gpt-x", 10, 5, 200)
@@ -40,10 +39,7 @@ def _ask(requests=(), concurrent=None, tokens=(), reservation=0, scope="client:c
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI (.ci/run installs it)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    need_redis_server()
     redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield f"redis://127.0.0.1:{redis.port}/0"
     redis.stop()
@@ -288,17 +284,6 @@ def test_bursts_from_gevent_workers_on_one_file_stay_exact(tmp_path):
 
 
 # --- Redis: admit and settle on the store's own connections ----------------------------------
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI (.ci/run installs it)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def _spent(store, ask) -> dict[str, int]:
