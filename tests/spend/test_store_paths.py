@@ -336,3 +336,35 @@ def test_a_stopped_redis_is_unavailable_not_an_error(own_redis):
     own_redis.stop()
     with pytest.raises(StoreUnavailable):
         store.admit(LIMITED)
+
+
+def test_a_limits_file_made_before_without_rowid_tables_works_the_same(tmp_path):
+    path = tmp_path / "limits.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(  # the tables as the gateway made them before
+        "CREATE TABLE counters (key TEXT PRIMARY KEY, ends REAL NOT NULL, "
+        "used INTEGER NOT NULL, reserved INTEGER NOT NULL);"
+        "CREATE TABLE slots (key TEXT NOT NULL, ticket TEXT NOT NULL, expires REAL NOT NULL, "
+        "PRIMARY KEY (key, ticket));"
+    )
+    old.close()
+    store = SQLiteStore(str(path))
+    ask = _ask(requests=["2/day"], concurrent=1, tokens=["1000/day"], reservation=100)
+    first = store.admit(ask)
+    assert first.admitted and not store.admit(ask).admitted  # the slot is held
+    store.finish(first.ticket, 30)
+    assert store.admit(ask).admitted and not store.admit(ask).admitted  # 2 calls a day
+    assert (
+        "WITHOUT ROWID"
+        not in sqlite3.connect(path)
+        .execute("SELECT sql FROM sqlite_master WHERE name = 'counters'")
+        .fetchone()[0]
+    )
+
+
+def test_a_new_limits_file_keeps_counters_and_slots_in_their_keys_b_trees(tmp_path):
+    path = tmp_path / "limits.sqlite3"
+    SQLiteStore(str(path)).usage(0)
+    tables = dict(sqlite3.connect(path).execute("SELECT name, sql FROM sqlite_master"))
+    assert tables["counters"].endswith("WITHOUT ROWID")
+    assert tables["slots"].endswith("WITHOUT ROWID")
