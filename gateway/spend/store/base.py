@@ -131,29 +131,31 @@ def plan_verdict(
 
 
 class _Leases:
-    """Renews the concurrency slots this process holds, in a background thread."""
+    """The concurrency slots this process holds; the background thread renews them."""
 
     def __init__(self, renew: Callable[[list[tuple[str, str]]], None]) -> None:
         self._renew = renew
         self._held: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._pid: int | None = None
+        self._due = 0.0  # when the next renewal is due (monotonic)
 
     def hold(self, ticket: Ticket) -> None:
         with self._lock:
-            if self._pid != os.getpid():  # a thread of its own in each worker, after fork
-                self._pid = os.getpid()
-                self._held = {}  # a parent's slots are the parent's: they expire with it
-                thread = threading.Thread(target=_renewing, args=(weakref.ref(self),), daemon=True)
-                thread.name = "gateway-leases"
-                thread.start()
+            if self._pid != os.getpid():  # a parent's slots are the parent's: they expire with it
+                self._pid, self._held = os.getpid(), {}
+                self._due = time.monotonic() + LEASE_SECONDS / 3
             self._held[ticket.id] = ticket.slots
 
     def drop(self, ticket: Ticket) -> None:
         with self._lock:
             self._held.pop(ticket.id, None)
 
-    def renew(self) -> None:
+    def renew_if_due(self) -> None:
+        """Renew every slot held, every third of a lease."""
+        if time.monotonic() < self._due or self._pid != os.getpid():
+            return
+        self._due = time.monotonic() + LEASE_SECONDS / 3
         with self._lock:
             held = [(key, tid) for tid, keys in self._held.items() for key in keys]
         if held:
@@ -163,26 +165,15 @@ class _Leases:
                 log.warning("could not renew %d concurrency slots", len(held))
 
 
-def _renewing(ref: weakref.ref[_Leases]) -> None:
-    # Holds the store only while it renews, so a dropped store's thread ends.
-    while True:
-        time.sleep(LEASE_SECONDS / 3)
-        leases = ref()
-        if leases is None or leases._pid != os.getpid():
-            return
-        leases.renew()
-        del leases
-
-
 _STARTING = threading.Lock()
 
 
 class _Background:
     """This process's usage rows, written in batches by a thread of its own.
 
-    The thread also runs the store's housekeeping (``tick``) once a second. One
-    thread per store and process, started on first use (after fork); it ends
-    when the store is dropped.
+    The thread also runs the store's housekeeping (``tick``: slot renewals,
+    checkpoints) once a second. One thread per store and process, started on
+    first use (after fork); it ends when the store is dropped.
     """
 
     def __init__(
@@ -260,7 +251,7 @@ atexit.register(lambda: [background.flush(exiting=True) for background in list(_
 def _background(ref: weakref.ref[_Background], wake: threading.Event) -> None:
     # Holds the store only while it works, so a dropped store's thread ends.
     while True:
-        wake.wait(FLUSH_SECONDS)
+        wake.wait(min(FLUSH_SECONDS, LEASE_SECONDS / 3))  # renewals come on time
         wake.clear()
         background = ref()
         if background is None or background._pid != os.getpid():
@@ -274,7 +265,7 @@ class Store:
 
     def __init__(self) -> None:
         self.leases = _Leases(self._renew)
-        self.background = _Background(self._write_usage, self._tick)
+        self.background = _Background(self._write_usage, self._housekeep)
 
     def admit(self, ask: Ask, now: float | None = None) -> Verdict:
         """Check and count ``ask`` atomically; the Verdict carries a ticket if admitted."""
@@ -288,6 +279,7 @@ class Store:
             verdict.ticket = ticket
             if ticket.slots:
                 self.leases.hold(ticket)
+                self.background.start()  # which renews them
         return verdict
 
     def check(self, ask: Ask, now: float | None = None) -> Verdict:
@@ -349,8 +341,12 @@ class Store:
         """Write ``rows`` in one step, once per ``batch`` id; ``exiting``: wait in place."""
         raise NotImplementedError
 
+    def _housekeep(self) -> None:
+        self.leases.renew_if_due()
+        self._tick()
+
     def _tick(self) -> None:
-        """Housekeeping, once a second in each process that uses the store."""
+        """The store's own housekeeping, once a second in each process that uses it."""
 
     def _admit(self, plan: Plan, ticket: str, now: float) -> Verdict:
         raise NotImplementedError
