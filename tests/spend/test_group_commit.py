@@ -16,6 +16,7 @@ _SETUP = """
 from gevent import monkey; monkey.patch_all()
 import sqlite3, subprocess, sys, time, gevent
 from gateway.spend.store.sqlite import SQLiteStore
+from tests.spend import lock_holder
 path = sys.argv[1]
 store = SQLiteStore(path)
 db, pool, group = store._connection()
@@ -32,17 +33,7 @@ class Watched:  # the in-place connection, counting the commits
 group._db = Watched()
 
 def hold(seconds):
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sqlite3, sys, time\\n"
-         "db = sqlite3.connect(sys.argv[1], isolation_level=None)\\n"
-         "db.execute('BEGIN IMMEDIATE'); print('held', flush=True)\\n"
-         "time.sleep(float(sys.argv[2])); db.execute('COMMIT')\\n",
-         path, str(seconds)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+    return lock_holder.hold(path, seconds)
 
 def take_one(limit):
     def work(db):

@@ -322,23 +322,15 @@ def test_admissions_timed_out_or_killed_while_the_lock_is_held_leave_nothing_ope
     path = str(tmp_path / "limits.sqlite3")
     result = _in_gevent(
         """
-        import subprocess, sys, time, gevent
+        import sys, time, gevent
         from gateway.policy.limits import Ask, LimitSet, parse_rate
         from gateway.spend.store.sqlite import SQLiteStore
         store = SQLiteStore(sys.argv[1])
         ask = Ask((("client:t", LimitSet((parse_rate("100/day"),), 50)),), 0)
         db, pool, group = store._connection()
         quick = group._db  # the connection used in place
-        holder = subprocess.Popen(
-            [sys.executable, "-c",
-             "import sqlite3, sys, time\\n"
-             "db = sqlite3.connect(sys.argv[1], isolation_level=None)\\n"
-             "db.execute('BEGIN IMMEDIATE'); print('held', flush=True)\\n"
-             "time.sleep(0.5); db.execute('COMMIT')\\n",
-             sys.argv[1]],
-            stdout=subprocess.PIPE, text=True,
-        )
-        assert holder.stdout.readline().strip() == "held"
+        from tests.spend.lock_holder import hold
+        holder = hold(sys.argv[1], 0.5)
         def timed(seconds):
             try:
                 with gevent.Timeout(seconds):

@@ -203,17 +203,8 @@ def test_an_sqlite_lock_held_elsewhere_is_waited_for_in_the_thread_not_in_the_hu
     result = _in_gevent(
         _GEVENT_STORE
         + """
-import subprocess
-holder = subprocess.Popen(
-    [sys.executable, "-c",
-     "import sqlite3, sys, time\\n"
-     "db = sqlite3.connect(sys.argv[1], isolation_level=None)\\n"
-     "db.execute('BEGIN IMMEDIATE'); print('held', flush=True)\\n"
-     "time.sleep(1.5); db.execute('COMMIT')\\n",
-     sys.argv[1]],
-    stdout=subprocess.PIPE, text=True,
-)
-assert holder.stdout.readline().strip() == "held"
+from tests.spend.lock_holder import hold
+holder = hold(sys.argv[1], 1.5)
 ticks = []
 def beat():
     while True:
