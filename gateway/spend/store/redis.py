@@ -125,7 +125,7 @@ def _packed(*args: bytes) -> bytes:
 
 
 class _Wire:
-    """The scripts every limited call runs, sent on connections of the store's own.
+    """The limit scripts (admit, check, settle, renew, reset), on the store's own connections.
 
     redis-py's pool checks a connection for stray bytes and counts it for its
     metrics on every command: ~40 µs of CPU, a third of a round trip. Here a
@@ -230,9 +230,7 @@ class RedisStore(Store):
 
         try:
             scripts = self._redis()
-            if name in ("admit", "check", "finish"):  # on every call: the store's own connections
-                return scripts["wire"].run(scripts[name], keys, json.dumps(args))
-            return scripts[name](keys=keys, args=[json.dumps(args)])
+            return scripts["wire"].run(scripts[name], keys, json.dumps(args))
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis: {type(exc).__name__}") from None
 
